@@ -1,0 +1,204 @@
+"""A site's dataset in nnU-Net v2's raw layout, read with nibabel.
+
+Layout (nnU-Net v2 "raw"): ``DIR/dataset.json`` with ``channel_names``, ``labels``,
+``file_ending`` (and optionally ``numTraining``); ``DIR/imagesTr/CASE_XXXX<ending>`` (one file
+per channel, XXXX the 4-digit channel index) and ``DIR/labelsTr/CASE<ending>``; optional
+``DIR/imagesTs/``.
+
+Axis order. nnU-Net v2 reads NIfTI through SimpleITK, whose arrays are indexed (k, j, i) — the
+reverse of nibabel's (i, j, k) — with the spacing reversed accordingly. fedseg's plans must be
+the ones nnU-Net makes (tie-breaks in the planner depend on the axis order), so every array that
+leaves this module is in nnU-Net's order: ``image[c, k, j, i]`` with ``spacing = (sk, sj, si)``.
+:func:`to_nibabel_order` undoes it when writing predictions.
+
+Reading is deliberately cheap to call again: the validator, the fingerprint and preprocessing
+each read a case once and drop it, so a site never holds its whole dataset in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedseg.errors import FedsegError
+
+
+class DatasetJson(BaseModel):
+    """The fields of nnU-Net v2's ``dataset.json`` that fedseg uses (others are kept, ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    channel_names: dict[str, str] = Field(description="channel index (as string) -> modality name")
+    labels: dict[str, int | list[int]] = Field(description="label name -> integer value(s)")
+    file_ending: str = Field(default=".nii.gz")
+    numTraining: int | None = None
+    name: str | None = None
+
+    @field_validator("channel_names")
+    @classmethod
+    def _channels_are_0_to_n(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("must name at least one channel, e.g. {\"0\": \"CT\"}")
+        keys = sorted(v, key=lambda k: int(k) if k.isdigit() else -1)
+        if keys != [str(i) for i in range(len(v))]:
+            raise ValueError(f"keys must be 0..{len(v) - 1} as strings, got {sorted(v)}")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_have_background(cls, v: dict[str, int | list[int]]) -> dict[str, int | list[int]]:
+        if "background" not in v or v["background"] != 0:
+            raise ValueError('must contain "background": 0')
+        if len(v) < 2:
+            raise ValueError("must declare at least one foreground label")
+        return v
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def label_values(self) -> list[int]:
+        """Sorted integer label values declared (regions expanded), background included."""
+        out: set[int] = set()
+        for val in self.labels.values():
+            out.update(val if isinstance(val, list) else [val])
+        return sorted(out)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes of a network (background included)."""
+        return len(self.label_values)
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case's files are (paths may not exist: the validator reports that)."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+
+@dataclass
+class Case:
+    """One case in memory, nnU-Net axis order (see module docstring)."""
+
+    case_id: str
+    image: np.ndarray  # float32, (C, k, j, i)
+    label: np.ndarray | None  # int16, (1, k, j, i)
+    spacing: tuple[float, float, float]  # (sk, sj, si) in mm
+    affine: np.ndarray  # 4x4 affine of channel 0 as stored (nibabel convention)
+
+
+def read_dataset_json(data_dir: str | Path) -> DatasetJson:
+    """Parse and validate ``DIR/dataset.json``; raise :class:`FedsegError` with one clear line."""
+    path = Path(data_dir) / "dataset.json"
+    if not Path(data_dir).is_dir():
+        raise FedsegError(f"{data_dir}: not a directory; give the folder that holds dataset.json")
+    if not path.is_file():
+        raise FedsegError(f"{path}: missing; every site folder needs nnU-Net's dataset.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedsegError(f"{path}: not valid JSON ({err}); fix the file") from None
+    try:
+        return DatasetJson.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise FedsegError(f"{path}: field '{field}': {first['msg']}") from None
+
+
+def list_cases(data_dir: str | Path, ds: DatasetJson, split: str = "Tr") -> list[CaseFiles]:
+    """Cases of ``imagesTr`` (split="Tr") or ``imagesTs`` (split="Ts"), sorted by case id.
+
+    A case id is every file name in the images folder with the ``_XXXX<ending>`` suffix removed.
+    The expected channel files and label are listed even when missing, so that the validator can
+    say exactly which file is absent.
+    """
+    root = Path(data_dir)
+    img_dir = root / f"images{split}"
+    if not img_dir.is_dir():
+        return []
+    ending = ds.file_ending
+    ids: set[str] = set()
+    for p in img_dir.iterdir():
+        name = p.name
+        if not name.endswith(ending):
+            continue
+        stem = name[: -len(ending)]
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            ids.add(stem[:-5])
+    cases = []
+    for cid in sorted(ids):
+        images = tuple(img_dir / f"{cid}_{c:04d}{ending}" for c in range(ds.num_channels))
+        label = root / f"labels{split}" / f"{cid}{ending}" if split == "Tr" else None
+        cases.append(CaseFiles(cid, images, label))
+    return cases
+
+
+def to_nnunet_order(arr: np.ndarray) -> np.ndarray:
+    """nibabel (i, j, k) -> nnU-Net/SimpleITK (k, j, i)."""
+    return np.ascontiguousarray(arr.transpose(2, 1, 0))
+
+
+def to_nibabel_order(arr: np.ndarray) -> np.ndarray:
+    """nnU-Net/SimpleITK (k, j, i) -> nibabel (i, j, k)."""
+    return np.ascontiguousarray(arr.transpose(2, 1, 0))
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read one 3D NIfTI: (array in nnU-Net order, spacing in nnU-Net order, affine).
+
+    Raises :class:`FedsegError` naming the file for anything nibabel cannot read.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except FileNotFoundError:
+        raise FedsegError(f"{path}: missing file") from None
+    except Exception as err:  # nibabel raises many types for corrupt/truncated files
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FedsegError(
+            f"{path}: unreadable NIfTI ({msg}); re-export the file"
+        ) from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise FedsegError(
+            f"{path}: expected a 3D volume, got shape {data.shape}; "
+            "fedseg trains 3D data (store one file per channel)"
+        )
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    spacing = (zooms[2], zooms[1], zooms[0])
+    return to_nnunet_order(data), spacing, np.asarray(img.affine, dtype=np.float64)
+
+
+def load_case(files: CaseFiles, with_label: bool = True) -> Case:
+    """Load every channel (and the label) of a case; channel shapes must agree."""
+    chans = []
+    spacing: tuple[float, float, float] | None = None
+    affine: np.ndarray | None = None
+    for path in files.images:
+        arr, sp, aff = load_nifti(path)
+        if chans and arr.shape != chans[0].shape:
+            raise FedsegError(
+                f"{path}: shape {arr.shape[::-1]} differs from channel 0 "
+                f"({chans[0].shape[::-1]}); all channels of a case must have one grid"
+            )
+        chans.append(arr.astype(np.float32, copy=False))
+        if spacing is None:
+            spacing, affine = sp, aff
+    assert spacing is not None and affine is not None
+    label = None
+    if with_label and files.label is not None:
+        lab, _, _ = load_nifti(files.label)
+        label = np.rint(lab).astype(np.int16)[None]
+    return Case(files.case_id, np.stack(chans), label, spacing, affine)

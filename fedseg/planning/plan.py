@@ -1,0 +1,113 @@
+"""The plan: everything training, inference and the federation need to agree on.
+
+It mirrors nnU-Net v2's ``nnUNetPlans.json`` (same names where a field has a twin there, so a
+plan can be compared with nnU-Net's field by field) but is a pydantic model: it is validated
+when read, it travels between server and sites, and it is saved with every run and inside every
+model bundle. All per-axis lists are in the plan's TRANSPOSED axis order (nnU-Net's
+``transpose_forward`` applied to nnU-Net/SimpleITK array order, see ``fedseg.data.dataset``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedseg.errors import FedsegError
+
+PLAN_VERSION = 1
+
+
+class IntensityProperties(BaseModel):
+    """Foreground intensity statistics of one channel over the pooled dataset."""
+
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+
+class ConfigurationPlan(BaseModel):
+    """One nnU-Net configuration ("2d" or "3d_fullres")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_identifier: str
+    spacing: list[float]
+    median_image_size_in_voxels: list[float]
+    patch_size: list[int]
+    batch_size: int
+    normalization_schemes: list[Literal["CTNormalization", "ZScoreNormalization"]]
+    use_mask_for_norm: list[bool]
+    n_stages: int
+    features_per_stage: list[int]
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]
+    n_conv_per_stage: list[int]
+    n_conv_per_stage_decoder: list[int]
+    batch_dice: bool
+
+
+class Plan(BaseModel):
+    """A dataset-wide plan, made once per federation from the pooled fingerprint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PLAN_VERSION
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int | list[int]]
+    file_ending: str = ".nii.gz"
+    num_training_cases: int
+    gpu_memory_gb: float
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    original_median_spacing_after_transp: list[float]
+    original_median_shape_after_transp: list[float]
+    foreground_intensity_properties_per_channel: dict[str, IntensityProperties]
+    configurations: dict[str, ConfigurationPlan] = Field(
+        description='"3d_fullres" always; "2d" too'
+    )
+
+    @property
+    def num_classes(self) -> int:
+        vals: set[int] = set()
+        for v in self.labels.values():
+            vals.update(v if isinstance(v, list) else [v])
+        return len(vals)
+
+    def config(self, name: str = "3d_fullres") -> ConfigurationPlan:
+        if name not in self.configurations:
+            raise FedsegError(
+                f"plan has no configuration '{name}' (has: {', '.join(self.configurations)})"
+            )
+        return self.configurations[name]
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        """Short content hash; preprocessed-data caches are keyed by it."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise FedsegError(f"{p}: plan file not found; make one with 'fedseg plan'")
+        try:
+            return cls.model_validate_json(p.read_text())
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(x) for x in first["loc"]) or "(root)"
+            raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None
