@@ -1,0 +1,74 @@
+"""A model bundle: the self-contained folder ``fedseg predict`` needs.
+
+``MODEL_DIR/plan.json`` (the plan), ``MODEL_DIR/dataset.json`` (labels, channels, file ending),
+``MODEL_DIR/model.pt`` (the network's state_dict only: safe to load with ``weights_only=True``)
+and ``MODEL_DIR/bundle.json`` (which configuration, fedseg version, provenance). Weights live in
+a separate file from the training checkpoint so that a bundle can be shipped without optimiser
+state or site data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from fedseg import __version__
+from fedseg.data.dataset import DatasetJson
+from fedseg.errors import FedsegError
+from fedseg.planning.plan import Plan
+
+
+class BundleInfo(BaseModel):
+    config: str = "3d_fullres"
+    fedseg_version: str = __version__
+    trained_iterations: int = 0
+    note: str = ""
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_bundle(
+    model_dir: str | Path,
+    plan: Plan,
+    dataset_json: DatasetJson,
+    state_dict: dict[str, torch.Tensor],
+    info: BundleInfo,
+) -> Path:
+    """Write (atomically, file by file) a bundle; returns its folder."""
+    d = Path(model_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    plan.save(d / "plan.json")
+    (d / "dataset.json").write_text(
+        json.dumps(dataset_json.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    )
+    cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+    _atomic_write_bytes(d / "model.pt", lambda p: torch.save(cpu, p))
+    (d / "bundle.json").write_text(info.model_dump_json(indent=2) + "\n")
+    return d
+
+
+def load_bundle(
+    model_dir: str | Path,
+) -> tuple[Plan, DatasetJson, dict[str, Any], BundleInfo]:
+    """Read a bundle; one clear error line if anything is missing."""
+    d = Path(model_dir)
+    for name in ("plan.json", "dataset.json", "model.pt", "bundle.json"):
+        if not (d / name).is_file():
+            raise FedsegError(
+                f"{d / name}: missing; {d} is not a fedseg model bundle "
+                "(made by 'fedseg train' or a federated run)"
+            )
+    plan = Plan.load(d / "plan.json")
+    ds = DatasetJson.model_validate_json((d / "dataset.json").read_text())
+    info = BundleInfo.model_validate_json((d / "bundle.json").read_text())
+    state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+    return plan, ds, state, info
