@@ -22,57 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
+from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
-
-
-class DatasetJson(BaseModel):
-    """The fields of nnU-Net v2's ``dataset.json`` that fedseg uses (others are kept, ignored)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    channel_names: dict[str, str] = Field(description="channel index (as string) -> modality name")
-    labels: dict[str, int | list[int]] = Field(description="label name -> integer value(s)")
-    file_ending: str = Field(default=".nii.gz")
-    numTraining: int | None = None
-    name: str | None = None
-
-    @field_validator("channel_names")
-    @classmethod
-    def _channels_are_0_to_n(cls, v: dict[str, str]) -> dict[str, str]:
-        if not v:
-            raise ValueError("must name at least one channel, e.g. {\"0\": \"CT\"}")
-        keys = sorted(v, key=lambda k: int(k) if k.isdigit() else -1)
-        if keys != [str(i) for i in range(len(v))]:
-            raise ValueError(f"keys must be 0..{len(v) - 1} as strings, got {sorted(v)}")
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_have_background(cls, v: dict[str, int | list[int]]) -> dict[str, int | list[int]]:
-        if "background" not in v or v["background"] != 0:
-            raise ValueError('must contain "background": 0')
-        if len(v) < 2:
-            raise ValueError("must declare at least one foreground label")
-        return v
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def label_values(self) -> list[int]:
-        """Sorted integer label values declared (regions expanded), background included."""
-        out: set[int] = set()
-        for val in self.labels.values():
-            out.update(val if isinstance(val, list) else [val])
-        return sorted(out)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of output classes of a network (background included)."""
-        return len(self.label_values)
 
 
 @dataclass(frozen=True)
@@ -111,7 +64,10 @@ def read_dataset_json(data_dir: str | Path) -> DatasetJson:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise FedsegError(f"{path}: field '{field}': {first['msg']}") from None
+        msg = " ".join(str(first["msg"]).split())
+        raise FedsegError(
+            f"{path}: field '{field}': {msg}; fix dataset.json (nnU-Net v2 format)"
+        ) from None
 
 
 def list_cases(data_dir: str | Path, ds: DatasetJson, split: str = "Tr") -> list[CaseFiles]:
@@ -163,7 +119,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.n
         img = nib.load(str(path))
         data = np.asarray(img.dataobj)
     except FileNotFoundError:
-        raise FedsegError(f"{path}: missing file") from None
+        raise FedsegError(f"{path}: missing file; add it or remove the case") from None
     except Exception as err:  # nibabel raises many types for corrupt/truncated files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FedsegError(

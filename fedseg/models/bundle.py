@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from fedseg import __version__
-from fedseg.data.dataset import DatasetJson
+from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
 from fedseg.planning.plan import Plan
 

@@ -1,0 +1,1 @@
+"""Wire protocol shared by server and sites (imports neither)."""

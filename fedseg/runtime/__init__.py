@@ -1,0 +1,1 @@
+"""Process supervision and Flower plumbing shared by the CLIs."""

@@ -1,0 +1,104 @@
+"""Checking site updates and turning their weighted mean into the next global model.
+
+Sites send weight DELTAS (new − global), weighted here by their training cases. Flower's
+strategies aggregate whole models inside its own ``start()`` loop and cannot be fed a
+pre-summed delta (which is all the server will have once secure aggregation masks the
+individual updates), so the few lines of FedAvg/FedAdam/FedYogi (Reddi et al. 2021,
+"Adaptive Federated Optimization") live here, on flat numpy arrays keyed like the state_dict.
+FedProx differs only at the sites (proximal term), so its server side is FedAvg.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+State = dict[str, np.ndarray]
+
+
+class UpdateRejected(Exception):
+    """An update that must not be averaged; ``str()`` says why (logged in metrics.jsonl)."""
+
+
+def check_update(delta: State, reference: State, max_norm: float | None) -> float:
+    """Raise :class:`UpdateRejected` unless ``delta`` is a sane update of ``reference``.
+
+    Checks keys, shapes, dtype (float32), finiteness and, when ``max_norm`` is set, the global
+    L2 norm. Returns the norm.
+    """
+    missing = sorted(set(reference) - set(delta))
+    extra = sorted(set(delta) - set(reference))
+    if missing or extra:
+        raise UpdateRejected(f"keys differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+    sq = 0.0
+    for k, ref in reference.items():
+        d = delta[k]
+        if d.shape != ref.shape:
+            raise UpdateRejected(f"'{k}' has shape {d.shape}, model has {ref.shape}")
+        if d.dtype != np.float32:
+            raise UpdateRejected(f"'{k}' has dtype {d.dtype}, expected float32")
+        if not np.isfinite(d).all():
+            raise UpdateRejected(f"'{k}' holds NaN or Inf")
+        sq += float(np.dot(d.ravel().astype(np.float64), d.ravel().astype(np.float64)))
+    norm = float(np.sqrt(sq))
+    if max_norm is not None and norm > max_norm:
+        raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
+    return norm
+
+
+def weighted_mean(deltas: list[State], weights: list[float]) -> State:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to > 0")
+    out: State = {}
+    for k in deltas[0]:
+        acc = np.zeros(deltas[0][k].shape, dtype=np.float64)
+        for d, w in zip(deltas, weights, strict=True):
+            acc += d[k].astype(np.float64) * (w / total)
+        out[k] = acc.astype(np.float32)
+    return out
+
+
+class ServerOptimizerConfig(BaseModel):
+    kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+class ServerOptimizer:
+    """Applies the averaged delta to the global weights; state is checkpointed with the run."""
+
+    def __init__(self, cfg: ServerOptimizerConfig) -> None:
+        self.cfg = cfg
+        self.m: State = {}
+        self.v: State = {}
+
+    def step(self, weights: State, mean_delta: State) -> State:
+        c = self.cfg
+        if c.kind in ("fedavg", "fedprox"):
+            return {k: (w + c.lr * mean_delta[k]).astype(np.float32) for k, w in weights.items()}
+        out: State = {}
+        for k, w in weights.items():
+            d = mean_delta[k]
+            m = self.m.get(k, np.zeros_like(w))
+            v = self.v.get(k, np.full_like(w, c.tau**2))
+            m = c.beta1 * m + (1 - c.beta1) * d
+            d2 = d * d
+            if c.kind == "fedadam":
+                v = c.beta2 * v + (1 - c.beta2) * d2
+            else:  # fedyogi
+                v = v - (1 - c.beta2) * d2 * np.sign(v - d2)
+            self.m[k], self.v[k] = m.astype(np.float32), v.astype(np.float32)
+            out[k] = (w + c.lr * m / (np.sqrt(v) + c.tau)).astype(np.float32)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m = {k: np.asarray(v, dtype=np.float32) for k, v in state.get("m", {}).items()}
+        self.v = {k: np.asarray(v, dtype=np.float32) for k, v in state.get("v", {}).items()}

@@ -1,0 +1,46 @@
+"""The Flower ServerApp of a fedseg job (loaded by Flower's ``flwr-serverapp`` process).
+
+The run config carries one key, ``job-config``: the path of the job's JSON on the server host
+(written by ``fedseg-server start``/``fedseg simulate``), so that the full pydantic-validated
+job configuration reaches the ServerApp without squeezing it through Flower's flat config.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedseg.errors import FedsegError
+from fedseg.server.config import JobConfig
+from fedseg.server.job import FederatedJob
+from fedseg.server.rundir import RunDir
+
+app = ServerApp()
+
+
+def _log(msg: str) -> None:
+    print(f"[fedseg-server] {msg}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    job_file = Path(str(context.run_config.get("job-config", "")))
+    if not job_file.is_file():
+        raise SystemExit(f"fedseg: job config {job_file} not found on the server host")
+    cfg = JobConfig.model_validate_json(job_file.read_text())
+    run = RunDir(cfg.run_dir)
+    try:
+        FederatedJob(grid, cfg, log=_log).run_job()
+    except FedsegError as err:
+        _log(f"job failed: {err}")
+        run.set_status(state="failed", error=str(err))
+        run.log({"phase": "job", "status": "failed", "reason": str(err)})
+        raise SystemExit(1) from None
+    except Exception as err:  # keep the reason where the operator looks (status.json)
+        run.set_status(state="failed", error=f"internal error: {err!r}")
+        traceback.print_exc(file=sys.stdout)
+        raise

@@ -1,0 +1,71 @@
+"""Configuration of a federated job and of the ``fedseg-server`` process (TOML, pydantic).
+
+Every option has a default that suits a small consortium; a wrong value ends as one line naming
+the file and the field (see :func:`load_toml`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedseg.errors import FedsegError
+from fedseg.server.aggregate import ServerOptimizerConfig
+
+
+class JobConfig(BaseModel):
+    """What the ServerApp runs. Written to ``RUN_DIR/job.json``; the run config carries its path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="server folder for plan, metrics, checkpoints, model")
+    job_id: str = Field(default="", description="stable id of the job (sites key their state by it)")
+    min_sites: int = Field(default=2, ge=1)
+    enrol_timeout_s: float = Field(default=600.0, gt=0)
+    rounds: int = Field(default=10, ge=1)
+    local_iterations: int = Field(default=50, ge=1, description="k local iterations per round")
+    eval_every: int = Field(default=1, ge=1)
+    aggregation: ServerOptimizerConfig = ServerOptimizerConfig()
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx mu (0: off)")
+    max_update_norm: float | None = Field(default=None, gt=0)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    on_too_few_sites: Literal["skip", "retry", "fail"] = "retry"
+    max_retries: int = Field(default=2, ge=0)
+    gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
+    plan_preset: Literal["nnunet", "tiny"] = "nnunet"
+    seed: int = 0
+    resume: bool = False
+
+
+class ServerConfig(BaseModel):
+    """``server.toml``: the supervised SuperLink plus the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9092, ge=1, le=65535)
+    state_dir: str = Field(default="fedseg-server-state", description="SuperLink DB, logs")
+    insecure: bool = False
+    job: JobConfig
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_toml(path: str | Path, model: type[T]) -> T:
+    p = Path(path)
+    if not p.is_file():
+        raise FedsegError(f"{p}: config file not found")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise FedsegError(f"{p}: not valid TOML ({err})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(root)"
+        raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None

@@ -1,0 +1,209 @@
+"""``fedseg simulate``: a whole federation on one machine, as real processes on loopback.
+
+One SuperLink and one SuperNode per site are started on free 127.0.0.1 ports with a private
+FLWR_HOME inside the run folder; the job is submitted with ``flwr run`` exactly as
+``fedseg-server start`` does, and progress is read from the run directory's ``status.json`` and
+``metrics.jsonl``. Everything started is stopped on exit, on an error and on Ctrl-C (process
+groups, so Flower's superexec/ClientApp children go too). With no ``--data`` the built-in
+synthetic multi-site demo data is generated first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fedseg.errors import FedsegError
+from fedseg.runtime.fab import write_app_dir
+from fedseg.runtime.processes import (
+    ManagedProcess,
+    flower_env,
+    flwr_cli,
+    free_port,
+    superlink_argv,
+    supernode_argv,
+    wait_for_port,
+    write_flwr_connection,
+)
+from fedseg.server.config import JobConfig
+from fedseg.server.rundir import RunDir
+
+
+def find_site_dirs(data: Path) -> list[Path]:
+    """``data`` itself if it holds dataset.json, else its sub-folders that do (sorted)."""
+    if (data / "dataset.json").is_file():
+        return [data]
+    if not data.is_dir():
+        raise FedsegError(f"{data}: not a folder; give a folder of site datasets")
+    sites = sorted(p for p in data.iterdir() if (p / "dataset.json").is_file())
+    if not sites:
+        raise FedsegError(f"{data}: no site folders with a dataset.json inside")
+    return sites
+
+
+class Federation:
+    """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
+
+    def __init__(self, work: Path, site_dirs: list[Path], device: str = "auto") -> None:
+        self.work = work
+        self.site_dirs = site_dirs
+        self.device = device
+        self.flwr_home = work / ".flwr"
+        self.env = flower_env(self.flwr_home)
+        self.superlink: ManagedProcess | None = None
+        self.nodes: dict[str, ManagedProcess] = {}
+        self.port = 0
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_superlink(self) -> None:
+        self.port = self.port or free_port()
+        db = self.work / "superlink.db"
+        self.superlink = ManagedProcess(
+            "flower-superlink", superlink_argv(self.port, database=str(db)),
+            self.work / "logs" / "superlink.log", self.env, cwd=self.work,
+        ).start()
+        wait_for_port("127.0.0.1", self.port, 60, self.superlink)
+        write_flwr_connection(self.flwr_home, "fedseg", f"127.0.0.1:{self.port}")
+
+    def start_site(self, data_dir: Path, name: str | None = None) -> ManagedProcess:
+        name = name or data_dir.name
+        cache = self.work / "sites" / name
+        cache.mkdir(parents=True, exist_ok=True)
+        node_cfg = {"site": name, "data-dir": str(data_dir.resolve()),
+                    "cache-dir": str(cache.resolve()), "device": self.device}
+        proc = ManagedProcess(
+            f"supernode-{name}",
+            supernode_argv(f"127.0.0.1:{self.port}", free_port(), node_cfg, max_retries=None),
+            self.work / "logs" / f"site-{name}.log", self.env, cwd=self.work,
+        ).start()
+        self.nodes[name] = proc
+        return proc
+
+    def submit(self, job: JobConfig) -> int:
+        app_dir = write_app_dir(self.work / "app")
+        job_file = Path(job.run_dir) / "job.json"
+        job_file.parent.mkdir(parents=True, exist_ok=True)
+        job_file.write_text(job.model_dump_json(indent=2) + "\n")
+        res = flwr_cli(["run", str(app_dir), "fedseg", "--run-config",
+                        f'job-config="{job_file.resolve()}"'], self.env)
+        return int(res["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        try:
+            res = flwr_cli(["ls", "fedseg", "--run-id", str(run_id)], self.env, timeout=30)
+        except FedsegError:
+            return "unknown"
+        runs = res.get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def stop(self) -> None:
+        for p in self.nodes.values():
+            p.stop(timeout=5)
+        if self.superlink is not None:
+            self.superlink.stop(timeout=5)
+
+
+def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool = False) -> str:
+    """Print progress until the run finishes; returns Flower's final status string."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    seen = 0
+    while time.monotonic() < deadline:
+        st = run.status()
+        recs = run.read_metrics()
+        for r in recs[seen:]:
+            if r.get("site") == "pooled" and not quiet:
+                if r.get("phase") == "eval":
+                    print(f"  eval after round {r['round']}: pooled mean Dice "
+                          f"{r.get('mean_dice', float('nan')):.4f}", flush=True)
+                elif r.get("phase") == "train":
+                    print(f"  round {r['round']}: {r.get('status')} "
+                          f"sites {r.get('sites_ok')}/{r.get('sites_asked')} "
+                          f"loss {r.get('loss', float('nan')):.4f} ({r.get('seconds', 0):.1f} s)",
+                          flush=True)
+            elif r.get("status") in ("dropped", "rejected", "refused") and not quiet:
+                print(f"  {r.get('phase')}: {r.get('site', r.get('node'))} {r['status']}: "
+                      f"{r.get('reason', '')}", flush=True)
+        seen = len(recs)
+        line = f"phase {st.get('phase', '?')}, round {st.get('round', 0)}/{st.get('rounds', '?')}"
+        if line != last and not quiet:
+            print(line, flush=True)
+            last = line
+        status = fed.run_status(run_id)
+        if status.startswith("finished"):
+            return status
+        if fed.superlink is not None and fed.superlink.poll() is not None:
+            raise FedsegError(f"the SuperLink exited; see {fed.superlink.log_path}")
+        time.sleep(2.0)
+    raise FedsegError(f"the run did not finish within {timeout:.0f} s; see {run.root}")
+
+
+def simulate(
+    out: Path,
+    sites: int = 3,
+    data: Path | None = None,
+    rounds: int = 3,
+    local_iterations: int = 50,
+    preset: str = "auto",
+    seed: int = 0,
+    device: str = "cpu",
+    timeout: float = 3600.0,
+    extra: dict | None = None,
+) -> dict:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from fedseg.data.demo import make_demo_data
+
+        site_dirs = make_demo_data(out / "demo-data", sites=sites, seed=seed)
+    else:
+        site_dirs = find_site_dirs(Path(data))[:sites] if sites else find_site_dirs(Path(data))
+    if preset == "auto":
+        import torch
+
+        preset = "nnunet" if torch.cuda.is_available() else "tiny"
+    job = JobConfig(
+        run_dir=str(out / "run"), job_id=f"sim-{out.name}", min_sites=len(site_dirs),
+        rounds=rounds, local_iterations=local_iterations, plan_preset=preset, seed=seed,
+        enrol_timeout_s=300, round_timeout_s=max(600.0, timeout / 2),
+        **(extra or {}),
+    )
+    run = RunDir(job.run_dir)
+    with Federation(out, site_dirs, device=device) as fed:
+        _install_signal_handlers(fed)
+        fed.start_superlink()
+        for d in site_dirs:
+            fed.start_site(d)
+        print(f"federation: SuperLink 127.0.0.1:{fed.port}, {len(site_dirs)} sites "
+              f"({', '.join(d.name for d in site_dirs)}); run folder {job.run_dir}", flush=True)
+        run_id = fed.submit(job)
+        status = follow(fed, run_id, run, timeout)
+    st = run.status()
+    if status != "finished:completed" or st.get("state") != "finished":
+        raise FedsegError(
+            f"the federated run ended '{status}': {st.get('error', 'see logs in ' + str(out / 'logs'))}"
+        )
+    pooled = [r for r in run.read_metrics() if r.get("phase") == "eval" and r.get("site") == "pooled"]
+    summary = {"run_dir": job.run_dir, "rounds": rounds,
+               "dice_by_round": {r["round"]: r["mean_dice"] for r in pooled}}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _install_signal_handlers(fed: Federation) -> None:
+    def handler(signum: int, frame: object) -> None:
+        fed.stop()
+        sys.exit(128 + signum)
+
+    if os.getpid() == os.getpgrp() or True:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

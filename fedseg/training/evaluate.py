@@ -1,0 +1,222 @@
+"""Scoring predictions against reference labels: Dice and HD95 per class per case.
+
+Why these conventions: fedseg's numbers must be comparable with nnU-Net's ``summary.json`` and
+with published federated results, so the bookkeeping is nnU-Net v2's
+(``nnunetv2/evaluation/evaluate_predictions.py``):
+
+* Dice = 2 TP / (2 TP + FP + FN) per foreground label (a region's values are OR-ed); when a
+  class is absent from BOTH reference and prediction, Dice is NaN (nnU-Net's choice: "nothing to
+  find, nothing found" is neither a success nor a failure) and that case does not count in the
+  class mean (``nanmean``). Present in only one of the two: Dice 0.
+* Per-class means are ``nanmean`` over cases; ``foreground_mean`` is the mean of the per-class
+  means. Deviation: nnU-Net takes a plain mean there, so one class absent from every case makes
+  its overall mean NaN; fedseg skips such a class (``nanmean``) instead.
+* HD95 (not in stock nnU-Net) uses MONAI's ``compute_hausdorff_distance`` (95th percentile,
+  symmetric) with the reference file's voxel spacing, so it is in mm. Both empty: NaN (excluded
+  from means, like Dice). One of the two empty: the distance is undefined (MONAI returns NaN);
+  fedseg reports the worst possible value instead, the image diagonal in mm (the BraTS
+  convention), so a missed or hallucinated structure is penalised rather than silently dropped.
+
+Dice itself comes from MONAI's ``DiceMetric`` (``ignore_empty=False``), with the both-empty case
+then set to NaN as above.
+
+NaN is returned as ``float('nan')`` and written to JSON as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedseg.data.dataset import load_nifti, read_dataset_json
+from fedseg.errors import FedsegError
+
+_ENDINGS = (".nii.gz", ".nii")
+METRICS = ("Dice", "HD95")
+
+
+def _strip_ending(name: str) -> str | None:
+    for end in _ENDINGS:
+        if name.endswith(end):
+            return name[: -len(end)]
+    return None
+
+
+def label_groups(labels: Mapping[str, int | list[int]]) -> dict[str, list[int]]:
+    """Foreground label/region key -> values, from a dataset.json ``labels`` mapping."""
+    out: dict[str, list[int]] = {}
+    for val in labels.values():
+        vals = [int(v) for v in (val if isinstance(val, list) else [val])]
+        if vals == [0]:
+            continue
+        out[",".join(str(v) for v in vals)] = vals
+    return out
+
+
+def case_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: tuple[float, ...] | list[float],
+    groups: Mapping[str, list[int]],
+) -> dict[str, dict[str, float]]:
+    """Dice, HD95 (mm) and voxel counts per class for one case (arrays of one shape)."""
+    from monai.metrics import DiceMetric, compute_hausdorff_distance
+
+    if pred.shape != ref.shape:
+        raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
+    diagonal = float(np.sqrt(np.sum((np.asarray(ref.shape) * np.asarray(spacing)) ** 2)))
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    out: dict[str, dict[str, float]] = {}
+    for key, vals in groups.items():
+        mr = np.isin(ref, vals)
+        mp = np.isin(pred, vals)
+        n_ref, n_pred = int(mr.sum()), int(mp.sum())
+        tp = int(np.logical_and(mr, mp).sum())
+        res = {"TP": tp, "FP": n_pred - tp, "FN": n_ref - tp, "n_ref": n_ref, "n_pred": n_pred}
+        if n_ref == 0 and n_pred == 0:
+            res.update(Dice=math.nan, HD95=math.nan)
+        else:
+            tr = torch.from_numpy(mr)[None, None].float()
+            tpred = torch.from_numpy(mp)[None, None].float()
+            res["Dice"] = float(dice(tpred, tr)[0, 0])
+            dice.reset()
+            if n_ref == 0 or n_pred == 0:
+                res["HD95"] = diagonal
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # MONAI's deprecation chatter
+                    hd = compute_hausdorff_distance(
+                        tpred, tr, include_background=True, percentile=95.0,
+                        spacing=[float(s) for s in spacing],
+                    )
+                res["HD95"] = float(hd[0, 0])
+        out[key] = res
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def summarize(per_case: list[dict], keys: list[str]) -> tuple[dict, dict]:
+    """(per-class nanmean over cases, foreground mean over classes) of Dice and HD95."""
+    mean = {
+        k: {m: _nanmean([c["metrics"][k][m] for c in per_case]) for m in METRICS} for k in keys
+    }
+    fg = {m: _nanmean([mean[k][m] for k in keys]) for m in METRICS}
+    return mean, fg
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if math.isnan(obj) or math.isinf(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    out = {}
+    for p in sorted(folder.iterdir()):
+        stem = _strip_ending(p.name)
+        if stem is not None and p.is_file() and not p.name.startswith("."):
+            out[stem] = p
+    return out
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    labels_dir: str | Path,
+    json_path: str | Path,
+    labels: Mapping[str, int | list[int]] | None = None,
+) -> dict:
+    """Score every reference in ``labels_dir`` against ``pred_dir/CASE.nii.gz``; write JSON.
+
+    ``labels`` is a dataset.json-style mapping (name -> value); when None it is read from
+    ``labels_dir/../dataset.json`` if there is one, else every non-zero value found in a case's
+    reference or prediction is scored. Every reference needs a prediction of the same shape.
+    Returns ``{"metric_per_case": [...], "mean": {class: {Dice, HD95}}, "foreground_mean":
+    {Dice, HD95}, "labels": {...}, "unmatched_predictions": [...]}``.
+    """
+    pred_dir, labels_dir = Path(pred_dir), Path(labels_dir)
+    for d, what in ((pred_dir, "predictions"), (labels_dir, "reference labels")):
+        if not d.is_dir():
+            raise FedsegError(f"{d}: no such folder; give the folder of {what}")
+    refs = _nifti_files(labels_dir)
+    preds = _nifti_files(pred_dir)
+    if not refs:
+        raise FedsegError(f"{labels_dir}: no .nii.gz / .nii reference labels found")
+    missing = [cid for cid in refs if cid not in preds]
+    if missing:
+        raise FedsegError(
+            f"{pred_dir / (missing[0] + '.nii.gz')}: missing prediction for reference "
+            f"{refs[missing[0]]} ({len(missing)} of {len(refs)} missing); predict those cases first"
+        )
+    if labels is None and (labels_dir.parent / "dataset.json").is_file():
+        labels = read_dataset_json(labels_dir.parent).labels
+    fixed_groups = label_groups(labels) if labels is not None else None
+    if fixed_groups is not None and not fixed_groups:
+        raise FedsegError("labels: no foreground label to score; give e.g. {'organ': 1}")
+
+    per_case = []
+    for cid, ref_path in refs.items():
+        ref, spacing, _ = load_nifti(ref_path)
+        pred, _, _ = load_nifti(preds[cid])
+        if pred.shape != ref.shape:
+            raise FedsegError(
+                f"{preds[cid]}: shape {pred.shape[::-1]} differs from the reference "
+                f"{ref_path} {ref.shape[::-1]}; predictions must be on the label's grid"
+            )
+        ref = np.rint(ref).astype(np.int64)
+        pred = np.rint(pred).astype(np.int64)
+        if fixed_groups is None:
+            found = np.union1d(np.unique(ref), np.unique(pred))
+            groups = {str(v): [int(v)] for v in found if v != 0}
+        else:
+            groups = fixed_groups
+        per_case.append({
+            "case_id": cid,
+            "reference_file": str(ref_path),
+            "prediction_file": str(preds[cid]),
+            "spacing": list(spacing),
+            "metrics": case_metrics(pred, ref, spacing, groups),
+        })
+
+    if fixed_groups is None:  # classes seen anywhere; absent in a case = both empty there
+        keys = sorted({k for c in per_case for k in c["metrics"]}, key=lambda k: int(k))
+        for c in per_case:
+            for k in keys:
+                c["metrics"].setdefault(k, {
+                    "TP": 0, "FP": 0, "FN": 0, "n_ref": 0, "n_pred": 0,
+                    "Dice": math.nan, "HD95": math.nan,
+                })
+        label_map = {k: int(k) for k in keys}
+    else:
+        keys = list(fixed_groups)
+        label_map = {name: val for name, val in labels.items() if val not in (0, [0])}
+    mean, fg = summarize(per_case, keys)
+    result = {
+        "metric_per_case": per_case,
+        "mean": mean,
+        "foreground_mean": fg,
+        "labels": label_map,
+        "unmatched_predictions": [str(p) for cid, p in preds.items() if cid not in refs],
+    }
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return result

@@ -1,0 +1,318 @@
+"""Prediction: NIfTI in, NIfTI out, through a model bundle (``fedseg predict``).
+
+Why it reuses :func:`fedseg.training.preprocess.preprocess_case`: the network must see exactly
+what training saw, and every step done there (transpose, crop, resample) is undone here in the
+reverse order, as nnU-Net v2's ``export_prediction`` does: resample the logits back to the
+cropped grid -> argmax -> paste into the uncropped volume (background outside the bbox) ->
+transpose back -> write with the input's exact shape, affine and header.
+
+Inference is MONAI's ``sliding_window_inference`` with the plan's patch size, overlap 0.5 and
+Gaussian blending (sigma = 1/8 of the patch, nnU-Net's), plus nnU-Net's mirroring test-time
+augmentation on every patch (all 2^ndim flips over the spatial axes). As in nnU-Net v2 (not v1)
+the flips and the overlapping windows are averaged as LOGITS, and the logits are resampled to
+the original grid before the argmax (linear; nearest along the out-of-plane axis of anisotropic
+data, as nnU-Net's ``resampling_fn_probabilities``). bf16 autocast on CUDA, fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedseg.data.dataset import CaseFiles, DatasetJson, load_case, to_nibabel_order
+from fedseg.errors import FedsegError
+from fedseg.models.bundle import load_bundle
+from fedseg.models.network import build_network
+from fedseg.planning.plan import Plan
+from fedseg.training.preprocess import (
+    CaseProperties,
+    preprocess_case,
+    resample_tensor,
+    separate_z_axis,
+)
+
+ProgressFn = Callable[[int, int], None]
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
+_ENDINGS = (".nii.gz", ".nii")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> the first CUDA GPU if there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FedsegError(
+            f"device '{device}': not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FedsegError(f"device '{device}': no CUDA GPU is visible here; use --device cpu")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def _strip_ending(name: str) -> str | None:
+    for end in _ENDINGS:
+        if name.endswith(end):
+            return name[: -len(end)]
+    return None
+
+
+def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> list[CaseFiles]:
+    """Group NIfTI files into cases (``CASE_XXXX.nii.gz`` = channel XXXX of CASE).
+
+    ``inputs`` is a folder in nnU-Net layout or a list of files. A single-channel model also
+    accepts files without the ``_0000`` suffix (the case id is then the file name).
+    """
+    n_chan = ds.num_channels
+    if isinstance(inputs, str | Path):
+        folder = Path(inputs)
+        if not folder.is_dir():
+            if folder.is_file():
+                return group_inputs([folder], ds)
+            raise FedsegError(f"{folder}: no such file or folder; give NIfTI files or a folder")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _strip_ending(p.name))
+        if not files:
+            raise FedsegError(
+                f"{folder}: no .nii.gz / .nii files; give a folder of CASE_0000.nii.gz"
+            )
+    else:
+        files = [Path(p) for p in inputs]
+        if not files:
+            raise FedsegError("no input files given; pass NIfTI files or a folder")
+    by_case: dict[str, dict[int, Path]] = {}
+    for p in files:
+        if not p.is_file():
+            raise FedsegError(f"{p}: missing input file")
+        stem = _strip_ending(p.name)
+        if stem is None:
+            raise FedsegError(f"{p}: not a NIfTI file name (.nii.gz or .nii expected)")
+        m = _CHANNEL_RE.match(stem)
+        if m:
+            case, chan = m["case"], int(m["chan"])
+        elif n_chan == 1:
+            case, chan = stem, 0
+        else:
+            raise FedsegError(
+                f"{p}: the model takes {n_chan} channels; name the files CASE_0000"
+                f"{ds.file_ending} .. CASE_{n_chan - 1:04d}{ds.file_ending}"
+            )
+        chans = by_case.setdefault(case, {})
+        if chan in chans:
+            raise FedsegError(f"{p}: channel {chan} of case '{case}' given twice ({chans[chan]})")
+        chans[chan] = p
+    cases = []
+    names = ", ".join(f"{k}={v}" for k, v in ds.channel_names.items())
+    for case, chans in sorted(by_case.items()):
+        extra = sorted(c for c in chans if c >= n_chan)
+        if extra:
+            raise FedsegError(
+                f"{chans[extra[0]]}: channel {extra[0]} but the model takes {n_chan} channel(s) "
+                f"({names}); remove the file or use a model trained on these channels"
+            )
+        missing = [c for c in range(n_chan) if c not in chans]
+        if missing:
+            some = next(iter(chans.values()))
+            raise FedsegError(
+                f"{some.parent / f'{case}_{missing[0]:04d}{ds.file_ending}'}: missing; case "
+                f"'{case}' needs {n_chan} channel file(s) ({names})"
+            )
+        cases.append(CaseFiles(case, tuple(chans[c] for c in range(n_chan)), None))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# network
+
+
+def load_network(plan: Plan, config: str, state: dict, model_dir: Path) -> torch.nn.Module:
+    """The bundle's network in eval mode (weights saved with or without deep supervision)."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    err_msg = ""
+    for ds_flag in (True, False):
+        net = build_network(plan, config, deep_supervision=ds_flag)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            err_msg = str(err).splitlines()[0]
+            continue
+        return net.eval()
+    raise FedsegError(
+        f"{model_dir / 'model.pt'}: weights do not fit the network plan.json describes "
+        f"({err_msg}); re-export the bundle"
+    )
+
+
+def _mirror_axes_sets(ndim: int) -> list[tuple[int, ...]]:
+    axes = range(2, 2 + ndim)  # tensor dims of the spatial axes (B, C, ...)
+    return [c for k in range(1, ndim + 1) for c in itertools.combinations(axes, k)]
+
+
+def make_predictor(
+    net: torch.nn.Module, device: torch.device, mirror_tta: bool, ndim: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Patch -> logits (fp32), averaged over all mirrorings when ``mirror_tta``."""
+    flips = _mirror_axes_sets(ndim) if mirror_tta else []
+
+    def autocast():
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            out = net(x).float()
+            for dims in flips:
+                out += torch.flip(net(torch.flip(x, dims)), dims).float()
+        return out / (1 + len(flips))
+
+    return predict
+
+
+def predict_logits(
+    data: np.ndarray,
+    net: torch.nn.Module,
+    patch_size: list[int],
+    device: torch.device,
+    mirror_tta: bool = True,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Sliding-window logits (K, *spatial) on ``device`` for a preprocessed case (C, *spatial).
+
+    A 2d configuration (2-element patch) runs slice by slice along the first axis.
+    """
+    from monai.inferers import sliding_window_inference
+
+    ndim = len(patch_size)
+    x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+    x = x[None] if ndim == 3 else x.permute(1, 0, 2, 3)  # (B, C, ...)
+    out = sliding_window_inference(
+        x,
+        roi_size=list(patch_size),
+        sw_batch_size=sw_batch_size,
+        predictor=make_predictor(net, device, mirror_tta, ndim),
+        overlap=0.5,
+        mode="gaussian",
+        sigma_scale=0.125,
+        padding_mode="constant",
+        cval=0.0,
+        sw_device=device,
+        device=device,
+    )
+    return out[0] if ndim == 3 else out.permute(1, 0, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# back to the original grid
+
+
+def logits_to_segmentation(
+    logits: torch.Tensor, props: CaseProperties, plan: Plan, label_values: Sequence[int]
+) -> np.ndarray:
+    """Logits on the preprocessed grid -> label map in nnU-Net order on the original grid.
+
+    Per class, so memory stays at a few volumes whatever the number of classes.
+    """
+    shape = props.shape_after_cropping_and_before_resampling
+    sep = separate_z_axis(props.target_spacing, props.spacing_transposed)
+    best = None
+    arg = None
+    for k in range(logits.shape[0]):
+        r = resample_tensor(logits[k : k + 1].float(), shape, sep)[0]
+        if best is None:
+            best, arg = r, torch.zeros(r.shape, dtype=torch.int64, device=r.device)
+        else:
+            win = r > best
+            arg[win] = k
+            best = torch.where(win, r, best)
+    assert arg is not None
+    lut = np.asarray(label_values, dtype=np.int64)
+    seg_crop = lut[arg.cpu().numpy()]
+    full = np.zeros(props.shape_before_cropping, dtype=seg_crop.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in props.bbox_used_for_cropping)] = seg_crop
+    full = full.transpose(plan.transpose_backward)
+    assert list(full.shape) == props.original_shape, (full.shape, props.original_shape)
+    return np.ascontiguousarray(full)
+
+
+def write_like(seg_nnunet_order: np.ndarray, reference: Path, out_path: Path) -> Path:
+    """Write a label map with ``reference``'s shape, affine and header (integer dtype)."""
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    arr = to_nibabel_order(seg_nnunet_order)
+    dtype = np.uint8 if arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0 else np.int16
+    arr = arr.astype(dtype).reshape(ref.shape)
+    hdr = ref.header.copy()
+    img = type(ref)(arr, ref.affine, header=hdr)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".tmp-{out_path.name}")
+    nib.save(img, str(tmp))
+    tmp.replace(out_path)
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+
+
+def predict_files(
+    model_dir: str | Path,
+    inputs: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    device: str | torch.device = "auto",
+    mirror_tta: bool = True,
+    progress: ProgressFn | None = None,
+    sw_batch_size: int = 1,
+) -> list[Path]:
+    """Segment every case of ``inputs`` with the bundle in ``model_dir``; returns written files.
+
+    Output: ``OUT_DIR/CASE.nii.gz`` per case, integer labels (uint8 when they fit), with the
+    input's shape, affine and header. ``progress(done, total)`` is called after each case.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FedsegError(f"{model_dir}: no such folder; give a fedseg model bundle folder")
+    plan, ds, state, info = load_bundle(model_dir)
+    config = info.config
+    cfg = plan.config(config)
+    if len(ds.channel_names) != len(plan.channel_names):
+        raise FedsegError(
+            f"{model_dir}: dataset.json has {len(ds.channel_names)} channel(s), plan.json "
+            f"{len(plan.channel_names)}; the bundle is inconsistent, re-export it"
+        )
+    label_values = ds.label_values
+    if len(label_values) != plan.num_classes:
+        raise FedsegError(
+            f"{model_dir}: dataset.json declares {len(label_values)} labels, plan.json "
+            f"{plan.num_classes}; the bundle is inconsistent, re-export it"
+        )
+    cases = group_inputs(inputs, ds)
+    dev = resolve_device(device)
+    net = load_network(plan, config, state, model_dir).to(dev)
+    out_dir = Path(out_dir)
+    written = []
+    with torch.inference_mode():
+        for i, files in enumerate(cases):
+            case = load_case(files, with_label=False)
+            pc = preprocess_case(case, plan, config)
+            del case
+            logits = predict_logits(pc.data, net, cfg.patch_size, dev, mirror_tta, sw_batch_size)
+            seg = logits_to_segmentation(logits, pc.properties, plan, label_values)
+            del logits, pc
+            written.append(write_like(seg, files.images[0], out_dir / f"{files.case_id}.nii.gz"))
+            if progress is not None:
+                progress(i + 1, len(cases))
+    return written
