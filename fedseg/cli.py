@@ -95,6 +95,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedseg.simulate import simulate
+
+    extra = {"aggregation": {"kind": args.aggregation}, "eval_every": args.eval_every}
+    if args.aggregation == "fedprox":
+        extra["proximal_mu"] = args.mu
+    simulate(
+        Path(args.out), sites=args.sites, data=Path(args.data) if args.data else None,
+        rounds=args.rounds, local_iterations=args.local_iterations, preset=args.preset,
+        seed=args.seed, device=args.device, timeout=args.timeout, extra=extra,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedseg",
@@ -146,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True)
     s.add_argument("--json", required=True, help="where to write the per-case/mean metrics")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("simulate", help="run the whole federation on this machine (loopback)")
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--data", help="folder of site datasets (default: generate the demo data)")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--local-iterations", type=int, default=50, help="k iterations per round")
+    s.add_argument("--eval-every", type=int, default=1)
+    s.add_argument("--aggregation", choices=["fedavg", "fedprox", "fedadam", "fedyogi"],
+                   default="fedavg")
+    s.add_argument("--mu", type=float, default=0.01, help="FedProx mu")
+    s.add_argument("--preset", choices=["auto", "nnunet", "tiny"], default="auto",
+                   help="plan preset (auto: nnunet on a GPU, tiny on CPU)")
+    s.add_argument("--out", default="runs/simulate", help="work folder (run folder inside)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("demo", help="demo data → plan → train → predict → evaluate, one site")
     s.add_argument("--out", default="demo_out")

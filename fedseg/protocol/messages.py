@@ -69,6 +69,7 @@ class TrainRequest(Msg):
     """Global weights travel in the ArrayRecord "weights"."""
 
     round: int
+    job_id: str
     local_iterations: int
     global_iteration_start: int
     global_total_iterations: int

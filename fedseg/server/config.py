@@ -6,13 +6,11 @@ the file and the field (see :func:`load_toml`).
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedseg.errors import FedsegError
+from fedseg.config_io import load_toml  # noqa: F401  (re-export)
 from fedseg.server.aggregate import ServerOptimizerConfig
 
 
@@ -48,24 +46,8 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=9092, ge=1, le=65535)
     state_dir: str = Field(default="fedseg-server-state", description="SuperLink DB, logs")
-    insecure: bool = False
+    insecure: bool = Field(default=False, description="plain HTTP; only allowed on loopback")
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_ca_certfile: str | None = None
     job: JobConfig
-
-
-T = TypeVar("T", bound=BaseModel)
-
-
-def load_toml(path: str | Path, model: type[T]) -> T:
-    p = Path(path)
-    if not p.is_file():
-        raise FedsegError(f"{p}: config file not found")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise FedsegError(f"{p}: not valid TOML ({err})") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or "(root)"
-        raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None

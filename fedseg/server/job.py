@@ -246,7 +246,8 @@ class FederatedJob:
         nodes = [n for n, s in self.sites.items() if s.prepared_for == self.plan.hash()]
         total_its = cfg.rounds * cfg.local_iterations
         req = pm.TrainRequest(
-            round=rnd, local_iterations=cfg.local_iterations,
+            round=rnd, job_id=cfg.job_id or Path(cfg.run_dir).name,
+            local_iterations=cfg.local_iterations,
             global_iteration_start=(rnd - 1) * cfg.local_iterations,
             global_total_iterations=total_its, plan_hash=self.plan.hash(),
             proximal_mu=cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,

@@ -225,8 +225,6 @@ def sample_params(
             gamma[b] = [_bg_contrast(rng, *cfg.gamma) for _ in range(channels)]
         for ax in setup.mirror_axes:
             mirror[b, ax] = rng.random() < cfg.p_mirror_per_axis
-    if setup.dummy_2d:
-        pass  # blur stays 3D as in nnU-Net (it blurs all axes); low-res ignores axis 0 below
     out = {
         "noise": noise, "blur": blur, "brightness": bright, "contrast": contrast,
         "lowres": lowres, "gamma_inv": gamma_inv, "gamma": gamma, "mirror": mirror,
@@ -265,21 +263,24 @@ def warp(
     )
     img = tf(image.float(), theta)
     # labels: channel 0 is "-1", so the argmax of an all-zero (outside) voxel is -1
-    onehot = F.one_hot((seg[:, 0].long() + 1), num_labels + 1).movedim(-1, 1)
-    onehot = onehot.to(torch.float16 if image.is_cuda else torch.float32)
+    dt = torch.float16 if image.is_cuda else torch.float32
+    onehot = torch.stack([seg[:, 0] == v for v in range(-1, num_labels)], 1).to(dt)
     lab = tf(onehot, theta).argmax(1, keepdim=True) - 1
     return img, lab.to(seg.dtype)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with its own sigma per (sample, channel, axis); 0 = untouched."""
+    """Separable Gaussian blur, own sigma per (sample, channel, axis); 0 = untouched.
+
+    ``sigma`` stays on the CPU (it decides which slices to blur: no device sync).
+    """
     b, c = x.shape[:2]
     idx = (sigma > 0).any(-1).flatten().nonzero().flatten().tolist()
     if not idx:
         return x
     flat = x.reshape(b * c, *x.shape[2:])
     sel = flat[idx][None]  # (1, K, D, H, W): a grouped conv, one group per (sample, channel)
-    sig = sigma.reshape(b * c, 3)[idx].cpu()
+    sig = sigma.reshape(b * c, 3)[idx]
     for ax in range(3):
         ks = []
         for s in sig[:, ax].tolist():
@@ -321,18 +322,17 @@ def _lowres(x: torch.Tensor, zoom: torch.Tensor, dummy_2d: bool) -> torch.Tensor
 def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
     """batchgenerators' ``augment_gamma`` with ``retain_stats``, per (sample, channel)."""
     apply = gamma != 1
-    if not bool(apply.any()):
-        return x
     g = gamma.view(*gamma.shape, 1, 1, 1)
     a = apply.view_as(g)
     y = -x if invert else x
     dims = tuple(range(2, x.ndim))
     mean = y.mean(dims, keepdim=True)
-    std = y.std(dims, keepdim=True)
+    std = y.std(dims, correction=0, keepdim=True)
     mn = y.amin(dims, keepdim=True)
     rng = y.amax(dims, keepdim=True) - mn
     z = ((y - mn) / (rng + 1e-7)).clamp_min(0).pow(g) * rng + mn
-    z = (z - z.mean(dims, keepdim=True)) / (z.std(dims, keepdim=True) + 1e-8) * std + mean
+    z = (z - z.mean(dims, keepdim=True)) / (z.std(dims, correction=0, keepdim=True) + 1e-8)
+    z = z * std + mean
     if invert:
         z = -z
     return torch.where(a, z, x)
@@ -359,7 +359,7 @@ def apply_intensity_and_mirror(
         x = x.clone()
         n = torch.randn((len(noise_idx), *x.shape[1:]), generator=generator, device=dev)
         x[noise_idx] += n * _bc(p["noise"][noise_idx], n)
-    x = _blur(x, p["blur"]) if bool((params["blur"] > 0).any()) else x
+    x = _blur(x, params["blur"])
     # multiplicative brightness
     x = x * _bc(p["brightness"], x)
     # contrast, range preserved
@@ -370,14 +370,16 @@ def apply_intensity_and_mirror(
         y = ((x - mean) * _bc(p["contrast"], x) + mean).clamp(lo, hi)
         x = torch.where(_bc(p["contrast"] != 1, x), y, x)
     x = _lowres(x, params["lowres"], dummy_2d)
-    x = _gamma(x, p["gamma_inv"], invert=True)
-    x = _gamma(x, p["gamma"], invert=False)
+    if bool((params["gamma_inv"] != 1).any()):
+        x = _gamma(x, p["gamma_inv"], invert=True)
+    if bool((params["gamma"] != 1).any()):
+        x = _gamma(x, p["gamma"], invert=False)
     # mirroring, per sample
     mirror = params["mirror"]
     if bool(mirror.any()):
         x, seg = x.clone(), seg.clone()
         for b in range(x.shape[0]):
-            axes = [2 + a - 1 for a in range(3) if mirror[b, a]]  # (C, D, H, W) of one sample
+            axes = [1 + a for a in range(3) if mirror[b, a]]  # dims of one (C, D, H, W) sample
             if axes:
                 x[b] = x[b].flip(axes)
                 seg[b] = seg[b].flip(axes)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from fedseg.data.dataset import CaseFiles, DatasetJson, load_case, to_nibabel_order
 from fedseg.errors import FedsegError
@@ -268,6 +269,25 @@ def write_like(seg_nnunet_order: np.ndarray, reference: Path, out_path: Path) ->
 # the entry point
 
 
+def _load_bundle_checked(model_dir: Path):
+    """:func:`load_bundle`, with corrupt files turned into one clear line."""
+    try:
+        return load_bundle(model_dir)
+    except FedsegError:
+        raise
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(root)"
+        raise FedsegError(
+            f"{model_dir}: invalid bundle file (field '{field}': {first['msg']}); re-export it"
+        ) from None
+    except Exception as err:  # torch.load: pickle / zip / EOF errors of a corrupt file
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FedsegError(
+            f"{model_dir / 'model.pt'}: unreadable weights ({msg[:120]}); re-export the bundle"
+        ) from None
+
+
 def predict_files(
     model_dir: str | Path,
     inputs: str | Path | Sequence[str | Path],
@@ -285,7 +305,7 @@ def predict_files(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FedsegError(f"{model_dir}: no such folder; give a fedseg model bundle folder")
-    plan, ds, state, info = load_bundle(model_dir)
+    plan, ds, state, info = _load_bundle_checked(model_dir)
     config = info.config
     cfg = plan.config(config)
     if len(ds.channel_names) != len(plan.channel_names):

@@ -1,0 +1,212 @@
+"""The Flower ClientApp: what a hospital's SuperNode runs for each server message.
+
+Flower starts a fresh ClientApp process for every message and keeps nothing across a SuperNode
+restart, so every handler rebuilds what it needs from the site's disk: the dataset (node config
+``data-dir``), the plan-keyed preprocessed cache and the trainer's state (``cache-dir``). Only
+aggregate quantities leave the site: the fingerprint's histograms/sums, the weight delta, case
+counts and evaluation metrics. Errors the site can fix (bad data) come back as an ``ErrorReply``
+with one clear line instead of a remote traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedseg.errors import FedsegError
+from fedseg.protocol import messages as pm
+from fedseg.protocol.records import pack, pack_error, unpack
+
+app = ClientApp()
+
+
+@dataclass
+class SiteConfig:
+    site: str
+    data_dir: Path
+    cache_dir: Path
+    device: str
+    gpu_memory_gb: float | None
+
+    @classmethod
+    def from_context(cls, context: Context) -> SiteConfig:
+        nc = context.node_config
+        if "data-dir" not in nc:
+            raise FedsegError("node config has no 'data-dir'; start the site with fedseg-client")
+        data = Path(str(nc["data-dir"]))
+        cache = Path(str(nc.get("cache-dir", data / ".fedseg_cache")))
+        gpu = nc.get("gpu-memory-gb")
+        return cls(
+            site=str(nc.get("site", data.name)),
+            data_dir=data,
+            cache_dir=cache,
+            device=str(nc.get("device", "auto")),
+            gpu_memory_gb=float(gpu) if gpu not in (None, "", 0) else None,
+        )
+
+    @property
+    def preprocessed_root(self) -> Path:
+        return self.cache_dir / "preprocessed"
+
+
+def _handler(fn: Callable[[Message, SiteConfig], Message]) -> Callable[[Message, Context], Message]:
+    @functools.wraps(fn)
+    def wrapper(msg: Message, context: Context) -> Message:
+        site = str(context.node_config.get("site", "?"))
+        try:
+            cfg = SiteConfig.from_context(context)
+            return fn(msg, cfg)
+        except (FedsegError, pm.ProtocolError) as err:
+            print(f"[fedseg-client {site}] {err}", flush=True)
+            return Message(pack_error(pm.ErrorReply(site=site, kind="data", message=str(err))),
+                           reply_to=msg)
+        except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
+            traceback.print_exc()
+            return Message(
+                pack_error(pm.ErrorReply(site=site, kind="internal", message=repr(err)[:500])),
+                reply_to=msg,
+            )
+
+    return wrapper
+
+
+def _split(cfg: SiteConfig) -> tuple[list[str], list[str]]:
+    from fedseg.data.dataset import list_cases, read_dataset_json
+    from fedseg.data.splits import split_cases
+
+    ds = read_dataset_json(cfg.data_dir)
+    ids = [c.case_id for c in list_cases(cfg.data_dir, ds, "Tr")]
+    return split_cases(ids)
+
+
+def _device_info(cfg: SiteConfig) -> tuple[str, float]:
+    import torch
+
+    from fedseg.training.predict import resolve_device
+
+    dev = resolve_device(cfg.device)
+    if cfg.gpu_memory_gb is not None:
+        return str(dev), cfg.gpu_memory_gb
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return f"{dev} ({props.name})", props.total_memory / 1024**3
+    return str(dev), 0.0
+
+
+@app.query("enrol")
+@_handler
+def enrol(msg: Message, cfg: SiteConfig) -> Message:
+    from fedseg.data.dataset import read_dataset_json
+    from fedseg.data.validate import validate_dataset
+
+    problems = validate_dataset(cfg.data_dir)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run 'fedseg check-data')" if len(problems) > 1 else ""
+        raise FedsegError(problems[0] + more)
+    ds = read_dataset_json(cfg.data_dir)
+    train, val = _split(cfg)
+    device, gpu = _device_info(cfg)
+    reply = pm.EnrolReply(
+        site=cfg.site, channel_names=ds.channel_names, labels=ds.labels,
+        file_ending=ds.file_ending, num_training_cases=len(train), num_validation_cases=len(val),
+        gpu_memory_gb=gpu, device=device,
+    )
+    return Message(pack(reply), reply_to=msg)
+
+
+@app.query("fingerprint")
+@_handler
+def fingerprint(msg: Message, cfg: SiteConfig) -> Message:
+    from fedseg.planning.fingerprint import compute_fingerprint
+
+    fp = compute_fingerprint(cfg.data_dir)
+    vec = np.asarray(fp.to_vector(), dtype=np.float64)
+    return Message(pack(pm.FingerprintReply(site=cfg.site, num_cases=fp.num_cases),
+                        {"fingerprint": vec}), reply_to=msg)
+
+
+@app.query("prepare")
+@_handler
+def prepare(msg: Message, cfg: SiteConfig) -> Message:
+    from fedseg.planning.plan import Plan
+    from fedseg.training.preprocess import PreprocessedDataset, preprocess_dataset
+
+    req, _ = unpack(msg.content, pm.PrepareRequest)
+    plan = Plan.model_validate_json(req.plan_json)
+    t0 = time.monotonic()
+    folder = preprocess_dataset(cfg.data_dir, plan, cfg.preprocessed_root, req.config)
+    n = len(PreprocessedDataset(folder))
+    return Message(pack(pm.PrepareReply(site=cfg.site, num_cases=n,
+                                        seconds=time.monotonic() - t0)), reply_to=msg)
+
+
+def _load_plan(cfg: SiteConfig, plan_hash: str):
+    from fedseg.planning.plan import Plan
+
+    path = cfg.preprocessed_root / plan_hash / "plan.json"
+    if not path.is_file():
+        raise FedsegError(f"{path}: no plan {plan_hash} at this site; the server must send "
+                          "'prepare' first (restart the site to re-enrol)")
+    return Plan.load(path)
+
+
+def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -> pm.EvalReply:
+    import torch
+
+    from fedseg.training.predict import load_network, resolve_device
+    from fedseg.training.preprocess import PreprocessedDataset, cache_folder
+    from fedseg.training.validation import evaluate_cases
+
+    _, val = _split(cfg)
+    device = resolve_device(cfg.device)
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
+    net = load_network(plan, "3d_fullres", state, cfg.preprocessed_root).to(device)
+    ds = PreprocessedDataset(cache_folder(cfg.preprocessed_root, plan))
+    dice, hd, secs = evaluate_cases(net, plan, ds, val, device)
+    return pm.EvalReply(site=cfg.site, num_cases=len(val), dice_per_class=dice,
+                        hd95_per_class=hd, seconds=secs)
+
+
+@app.train()
+@_handler
+def train(msg: Message, cfg: SiteConfig) -> Message:
+    from fedseg.training.preprocess import cache_folder
+    from fedseg.training.trainer import LocalTrainer, TrainConfig
+
+    req, weights = unpack(msg.content, pm.TrainRequest)
+    plan = _load_plan(cfg, req.plan_hash)
+    evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
+    train_ids, _ = _split(cfg)
+    state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
+    tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
+                       proximal_mu=req.proximal_mu)
+    trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
+                           case_ids=train_ids)
+    import torch
+
+    res = trainer.train_iterations(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
+        req.local_iterations, req.global_iteration_start, req.global_total_iterations,
+    )
+    delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
+    reply = pm.TrainReply(
+        site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
+        seconds=res.seconds, iterations_per_s=res.iterations_per_s, evaluation=evaluation,
+    )
+    return Message(pack(reply, delta), reply_to=msg)
+
+
+@app.evaluate()
+@_handler
+def evaluate(msg: Message, cfg: SiteConfig) -> Message:
+    req, weights = unpack(msg.content, pm.EvalRequest)
+    plan = _load_plan(cfg, req.plan_hash)
+    return Message(pack(_evaluate(cfg, plan, weights, req.round)), reply_to=msg)

@@ -1,0 +1,24 @@
+"""Deterministic train/validation split of a site's training cases.
+
+Every process of a site (Flower starts a fresh one per message) must agree on which cases are
+held out for evaluating the global model, without storing anything: the split is a pure function
+of the sorted case ids and a seed (nnU-Net's fold-0 idea: 1 in 5 held out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def split_cases(
+    case_ids: list[str], val_fraction: float = 0.2, seed: int = 12345
+) -> tuple[list[str], list[str]]:
+    """(train, validation) ids. One case or none: everything trains, nothing is held out."""
+    ids = sorted(case_ids)
+    if len(ids) < 2:
+        return ids, []
+    n_val = max(1, int(round(len(ids) * val_fraction)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in order[:n_val])
+    train = [c for c in ids if c not in set(val)]
+    return train, val
