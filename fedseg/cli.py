@@ -1,7 +1,7 @@
 """``fedseg``: the command line of one site's pipeline (and, later, the federation simulator).
 
 Sub-commands map one-to-one onto the data flow: ``demo-data`` → ``check-data`` → ``plan`` →
-``train`` → ``predict`` → ``evaluate``; ``demo`` chains them on the built-in synthetic data.
+``train`` → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation on loopback.
 Heavy imports (torch, MONAI) happen inside each command so that ``fedseg --help`` and
 ``check-data`` start quickly. Every :class:`FedsegError` ends as one line on stderr and exit
 code 2 — a user never sees a traceback for a mistake they can fix.
@@ -88,13 +88,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedseg.demo_pipeline import run_demo
-
-    run_demo(Path(args.out), iterations=args.iterations, seed=args.seed, device=args.device)
-    return 0
-
-
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedseg.simulate import simulate
 
@@ -178,13 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     s.set_defaults(func=_cmd_simulate)
 
-    s = sub.add_parser("demo", help="demo data → plan → train → predict → evaluate, one site")
-    s.add_argument("--out", default="demo_out")
-    s.add_argument("--iterations", type=int, default=0,
-                   help="training iterations (default: 250 on CPU, 1000 on a GPU)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.set_defaults(func=_cmd_demo)
     return p
 
 

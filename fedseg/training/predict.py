@@ -195,7 +195,10 @@ def predict_logits(
     from monai.inferers import sliding_window_inference
 
     ndim = len(patch_size)
-    x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+    arr = np.ascontiguousarray(data, dtype=np.float32)
+    if not arr.flags.writeable:  # a memory-mapped cache file: torch wants writable memory
+        arr = arr.copy()
+    x = torch.from_numpy(arr).to(device)
     x = x[None] if ndim == 3 else x.permute(1, 0, 2, 3)  # (B, C, ...)
     out = sliding_window_inference(
         x,

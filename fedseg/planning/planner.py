@@ -1,0 +1,388 @@
+"""The plan nnU-Net v2's default ``ExperimentPlanner`` would make, from a (pooled) fingerprint.
+
+Why our own code: nnU-Net's planner reads per-case lists from ``dataset_fingerprint.json`` and
+the dataset folder from ``nnUNet_raw``, instantiates torch networks to estimate memory and
+writes into ``nnUNet_preprocessed`` — it cannot run on a federated fingerprint, and nnunetv2 is
+a heavy dependency for a server that only plans. Every rule below is a transcription of nnunetv2
+2.x (checked against 2.8.1; ``tools/make_nnunet_goldens.py`` and ``tests/test_planner.py`` compare
+the result with nnU-Net's own plans):
+
+==========================================  ===================================================
+fedseg                                      nnunetv2 / dynamic_network_architectures
+==========================================  ===================================================
+:func:`fullres_target_spacing`              ``ExperimentPlanner.determine_fullres_target_spacing``
+:func:`transpose`                           ``ExperimentPlanner.determine_transpose``
+:func:`normalization_schemes`               ``determine_normalization_scheme_and_whether_mask_
+                                            is_used_for_norm`` + ``get_normalization_scheme``
+:func:`get_pool_and_conv_props`             ``experiment_planners.network_topology.
+                                            get_pool_and_conv_props`` (+ ``pad_shape``)
+:func:`conv_feature_map_size`               ``PlainConvUNet.compute_conv_feature_map_size``
+                                            (encoder + decoder, no deep supervision), i.e.
+                                            ``ExperimentPlanner.static_estimate_VRAM_usage``
+:func:`configuration`                       ``ExperimentPlanner.get_plans_for_configuration``
+:func:`plan_configurations`                 ``ExperimentPlanner.plan_experiment`` (3d_fullres,
+                                            3d_lowres — only to set batch_dice —, 2d)
+:func:`intensity_properties`                ``DatasetFingerprintExtractor.run`` statistics
+==========================================  ===================================================
+
+Statistics over cases come from the fingerprint's histograms: a percentile is computed like
+``np.percentile`` (method "linear": virtual index (n-1)q, numpy's ``_lerp``) on the sorted
+per-case values that the histogram holds (exact when a bin holds one distinct value, see
+``fingerprint.py``); a median like ``np.median`` (mean of the two middle values).
+
+Deliberate differences: ``numTraining`` is the number of cases actually fingerprinted (nnU-Net
+reads it from dataset.json); a 2D dataset (median resampled shape 1 along the first axis) is
+refused (fedseg trains 3D); ``3d_lowres`` is computed but not put in the plan (fedseg has no
+cascade) — it only decides ``batch_dice`` of 3d_fullres, as in nnU-Net.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+
+from fedseg.data.dataset import DatasetJson
+from fedseg.errors import FedsegError
+from fedseg.planning.fingerprint import NNUNET_FOREGROUND_SAMPLES, Fingerprint, Histogram
+from fedseg.planning.plan import ConfigurationPlan, IntensityProperties, Plan
+
+# ExperimentPlanner.__init__ constants (nnunetv2 2.x)
+ANISO_THRESHOLD = 3
+UNET_BASE_NUM_FEATURES = 32
+UNET_REFERENCE_VAL_3D = 560000000
+UNET_REFERENCE_VAL_2D = 85000000
+UNET_REFERENCE_VAL_CORRESP_GB = 8
+UNET_REFERENCE_VAL_CORRESP_BS_2D = 12
+UNET_REFERENCE_VAL_CORRESP_BS_3D = 2
+UNET_FEATUREMAP_MIN_EDGE_LENGTH = 4
+UNET_BLOCKS_PER_STAGE_ENCODER = 2
+UNET_BLOCKS_PER_STAGE_DECODER = 2
+UNET_MIN_BATCH_SIZE = 2
+UNET_MAX_FEATURES_2D = 512
+UNET_MAX_FEATURES_3D = 320
+MAX_DATASET_COVERED = 0.05
+LOWRES_CREATION_THRESHOLD = 0.25
+PLANS_IDENTIFIER = "nnUNetPlans"
+
+# nnunetv2.preprocessing.normalization.map_channel_name_to_normalization
+_NORMALIZATION_BY_NAME = {
+    "ct": "CTNormalization",
+    "nonorm": "NoNormalization",
+    "zscore": "ZScoreNormalization",
+    "rescale_to_0_1": "RescaleTo01Normalization",
+    "rgb_to_0_1": "RGBTo01Normalization",
+}
+# ImageNormalization.leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true
+_LEAVES_ZERO_OUTSIDE_MASK = {"ZScoreNormalization": True}
+
+
+# ---- statistics from histograms, numpy-style ---------------------------------------------
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's ``_lerp`` (the same floating-point operations, so ties round identically)."""
+    diff = b - a
+    if t >= 0.5:
+        return b - diff * (1 - t)
+    return a + diff * t
+
+
+def _values_at_ranks(values: np.ndarray, cum: np.ndarray, ranks: list[int]) -> list[float]:
+    idx = np.searchsorted(cum, np.asarray(ranks, dtype=np.float64), side="right")
+    idx = np.minimum(idx, values.size - 1)
+    return [float(values[i]) for i in idx]
+
+
+def hist_percentile(hist: Histogram, q: float, scale: float = 1.0) -> float:
+    """``np.percentile(x, q)`` of the sample the histogram describes.
+
+    ``scale`` turns bin weights into sample counts (the weights are case counts for spacings
+    and shapes; for intensities, nnU-Net's per-case sample size).
+    """
+    values, weights = hist.sorted_values()
+    if values.size == 0:
+        raise FedsegError("empty fingerprint: no cases")
+    cum = np.cumsum(weights * scale)
+    n = int(round(cum[-1]))
+    h = (n - 1) * (q / 100)  # numpy 'linear': virtual index (n - 1) * quantile
+    if h >= n - 1:
+        return _values_at_ranks(values, cum, [n - 1])[0]
+    lo = math.floor(h)
+    a, b = _values_at_ranks(values, cum, [lo, lo + 1])
+    return _lerp(a, b, h - lo)
+
+
+def hist_median(hist: Histogram) -> float:
+    """``np.median`` of the per-case values (mean of the two middle ones when n is even)."""
+    values, weights = hist.sorted_values()
+    if values.size == 0:
+        raise FedsegError("empty fingerprint: no cases")
+    cum = np.cumsum(weights)
+    n = int(round(cum[-1]))
+    if n % 2:
+        return _values_at_ranks(values, cum, [n // 2])[0]
+    a, b = _values_at_ranks(values, cum, [n // 2 - 1, n // 2])
+    return (a + b) / 2
+
+
+def median_resampled_shape(fp: Fingerprint, target_spacing: np.ndarray) -> np.ndarray:
+    """``np.median([compute_new_shape(shape, spacing, target) for each case], 0)``.
+
+    ``compute_new_shape`` gives ``round(spacing / target * shape)`` per axis, a non-decreasing
+    function of the extent shape*spacing, so the median follows from the extent histogram.
+    """
+    out = []
+    for ax in range(3):
+        values, weights = fp.extent_after_crop[ax].sorted_values()
+        new = np.array([round(v / float(target_spacing[ax])) for v in values], dtype=np.float64)
+        out.append(hist_median(Histogram.model_construct(
+            grid=fp.extent_after_crop[ax].grid,
+            bins=list(range(values.size)),
+            weights=weights.tolist(),
+            sums=(new * weights).tolist(),
+        )))
+    return np.array(out)
+
+
+def intensity_properties(fp: Fingerprint) -> dict[str, IntensityProperties]:
+    """Per channel what ``DatasetFingerprintExtractor.run`` reports.
+
+    nnU-Net computes them on int(1e8 // num_cases) foreground voxels drawn with replacement from
+    every case; fedseg computes the same statistics on the exact mixture that sample is drawn
+    from (every case weight 1), so they agree up to nnU-Net's sampling noise (~1e-4 std for the
+    mean) and the histogram's bin width for the percentiles (exact for integer CT values).
+    """
+    samples_per_case = int(NNUNET_FOREGROUND_SAMPLES // max(fp.num_cases, 1))
+    out = {}
+    for c in sorted(fp.intensities, key=int):
+        ch = fp.intensities[c]
+        k = ch.num_cases_with_foreground
+        if k == 0 or ch.min is None or ch.max is None:
+            raise FedsegError(
+                f"channel {c} ({fp.channel_names[c]}): no foreground voxel (label > 0) in any "
+                "case; check the labelsTr files"
+            )
+        mean = ch.sum_case_means / k
+        var = max(ch.sum_case_mean_squares / k - mean * mean, 0.0)
+        p = {q: hist_percentile(ch.histogram, q, samples_per_case) for q in (0.5, 50.0, 99.5)}
+        out[c] = IntensityProperties(
+            mean=mean,
+            std=math.sqrt(var),
+            median=p[50.0],
+            min=ch.min,
+            max=ch.max,
+            percentile_00_5=p[0.5],
+            percentile_99_5=p[99.5],
+        )
+    return out
+
+
+# ---- ExperimentPlanner rules ------------------------------------------------------------
+
+
+def fullres_target_spacing(fp: Fingerprint) -> np.ndarray:
+    """``determine_fullres_target_spacing``: median spacing; on an anisotropic axis with few
+    voxels, the 10th percentile (but not below the next-largest spacing)."""
+    target = np.array([hist_percentile(fp.spacing[ax], 50) for ax in range(3)])
+    target_size = np.array([hist_percentile(fp.shape_after_crop[ax], 50) for ax in range(3)])
+    worst_spacing_axis = int(np.argmax(target))
+    other_axes = [i for i in range(len(target)) if i != worst_spacing_axis]
+    other_spacings = [target[i] for i in other_axes]
+    other_sizes = [target_size[i] for i in other_axes]
+    has_aniso_spacing = target[worst_spacing_axis] > (ANISO_THRESHOLD * max(other_spacings))
+    has_aniso_voxels = target_size[worst_spacing_axis] * ANISO_THRESHOLD < min(other_sizes)
+    if has_aniso_spacing and has_aniso_voxels:
+        t = hist_percentile(fp.spacing[worst_spacing_axis], 10)
+        if t < max(other_spacings):
+            t = max(max(other_spacings), t) + 1e-5
+        target[worst_spacing_axis] = t
+    return target
+
+
+def transpose(target_spacing: np.ndarray) -> tuple[list[int], list[int]]:
+    """``determine_transpose``: the coarsest axis first."""
+    max_spacing_axis = int(np.argmax(target_spacing))
+    remaining = [i for i in range(3) if i != max_spacing_axis]
+    forward = [max_spacing_axis, *remaining]
+    backward = [forward.index(i) for i in range(3)]
+    return forward, backward
+
+
+def normalization_schemes(
+    channel_names: dict[str, str], median_relative_size_after_cropping: float
+) -> tuple[list[str], list[bool]]:
+    """``determine_normalization_scheme_and_whether_mask_is_used_for_norm``."""
+    names = [channel_names[c] for c in sorted(channel_names, key=int)]
+    schemes = [_NORMALIZATION_BY_NAME.get(n.casefold(), "ZScoreNormalization") for n in names]
+    if median_relative_size_after_cropping < (3 / 4.0):
+        use_mask = [_LEAVES_ZERO_OUTSIDE_MASK.get(s, False) for s in schemes]
+    else:
+        use_mask = [False] * len(schemes)
+    return schemes, use_mask
+
+
+def _pad_shape(shape: list[Any], must_be_divisible_by: np.ndarray) -> np.ndarray:
+    """``network_topology.pad_shape``."""
+    new_shp = [
+        shape[i] + must_be_divisible_by[i] - shape[i] % must_be_divisible_by[i]
+        for i in range(len(shape))
+    ]
+    for i in range(len(shape)):
+        if shape[i] % must_be_divisible_by[i] == 0:
+            new_shp[i] -= must_be_divisible_by[i]
+    return np.array(new_shp).astype(int)
+
+
+def get_pool_and_conv_props(
+    spacing: Any, patch_size: Any, min_feature_map_size: int, max_numpool: int
+) -> tuple[list[int], list[list[int]], list[list[int]], tuple[int, ...], np.ndarray]:
+    """``network_topology.get_pool_and_conv_props`` (nnU-Net v1's get_pool_and_conv_props_v2).
+
+    Returns (pools per axis, strides per stage, kernel sizes per stage, padded patch size,
+    shape_must_be_divisible_by).
+    """
+    dim = len(spacing)
+    current_spacing = list(deepcopy(list(spacing)))
+    current_size = list(deepcopy(list(patch_size)))
+    pool_op_kernel_sizes = [[1] * dim]
+    conv_kernel_sizes: list[list[int]] = []
+    num_pool_per_axis = [0] * dim
+    kernel_size = [1] * dim
+    while True:
+        valid = [i for i in range(dim) if current_size[i] >= 2 * min_feature_map_size]
+        if len(valid) < 1:
+            break
+        min_spacing_of_valid = min(current_spacing[i] for i in valid)
+        valid = [i for i in valid if current_spacing[i] / min_spacing_of_valid < 2]
+        valid = [i for i in valid if num_pool_per_axis[i] < max_numpool]
+        if len(valid) == 1:
+            if current_size[valid[0]] >= 3 * min_feature_map_size:
+                pass
+            else:
+                break
+        if len(valid) < 1:
+            break
+        for d in range(dim):
+            if kernel_size[d] == 3:
+                continue
+            if current_spacing[d] / min(current_spacing) < 2:
+                kernel_size[d] = 3
+        pool_kernel_sizes = [1] * dim
+        for v in valid:
+            pool_kernel_sizes[v] = 2
+            num_pool_per_axis[v] += 1
+            current_spacing[v] *= 2
+            current_size[v] = np.ceil(current_size[v] / 2)
+        pool_op_kernel_sizes.append(pool_kernel_sizes)
+        conv_kernel_sizes.append(list(kernel_size))
+    must_be_divisible_by = 2 ** np.array(num_pool_per_axis)
+    padded = _pad_shape(list(patch_size), must_be_divisible_by)
+    conv_kernel_sizes.append([3] * dim)
+    return (
+        num_pool_per_axis,
+        pool_op_kernel_sizes,
+        conv_kernel_sizes,
+        tuple(int(i) for i in padded),
+        must_be_divisible_by,
+    )
+
+
+def _features_per_stage(num_stages: int, max_num_features: int) -> list[int]:
+    return [min(max_num_features, UNET_BASE_NUM_FEATURES * 2**i) for i in range(num_stages)]
+
+
+def conv_feature_map_size(
+    patch_size: Any, strides: list[list[int]], features: list[int], num_classes: int
+) -> int:
+    """``PlainConvUNet.compute_conv_feature_map_size`` for nnU-Net's default plain U-Net.
+
+    Encoder stage s: n_conv x F_s x prod(size_s) (size_s = size_{s-1} // stride_s); decoder stage
+    j (all but the bottleneck): (n_conv_dec + 1 transposed conv) x F_j x prod(size_j); plus the
+    final segmentation output num_classes x prod(size_0) (no deep supervision in the estimate).
+    """
+    sizes = []
+    size = [int(i) for i in patch_size]
+    for st in strides:
+        size = [i // j for i, j in zip(size, st, strict=True)]
+        sizes.append(size)
+    out = 0
+    for s, f in enumerate(features):
+        out += UNET_BLOCKS_PER_STAGE_ENCODER * f * int(np.prod(sizes[s], dtype=np.int64))
+    for j in range(len(features) - 1):
+        out += (UNET_BLOCKS_PER_STAGE_DECODER + 1) * features[j] * int(
+            np.prod(sizes[j], dtype=np.int64)
+        )
+    out += num_classes * int(np.prod(sizes[0], dtype=np.int64))
+    return out
+
+
+def configuration(
+    spacing: np.ndarray,
+    median_shape: Any,
+    data_identifier: str,
+    approximate_n_voxels_dataset: float,
+    num_label_names: int,
+    gpu_memory_gb: float,
+) -> dict[str, Any]:
+    """``get_plans_for_configuration``: patch size under the memory budget, topology, batch."""
+    assert all(i > 0 for i in spacing), f"Spacing must be > 0! Spacing: {spacing}"
+    dim = len(spacing)
+    max_num_features = UNET_MAX_FEATURES_2D if dim == 2 else UNET_MAX_FEATURES_3D
+    tmp = 1 / np.array(spacing)
+    if dim == 3:
+        initial_patch_size = [round(i) for i in tmp * (256**3 / np.prod(tmp)) ** (1 / 3)]
+    else:
+        initial_patch_size = [round(i) for i in tmp * (2048**2 / np.prod(tmp)) ** (1 / 2)]
+    initial_patch_size = np.array(
+        [min(i, j) for i, j in zip(initial_patch_size, median_shape[:dim], strict=True)]
+    )
+    _, strides, kernels, patch_size, _ = get_pool_and_conv_props(
+        spacing, initial_patch_size, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
+    )
+    features = _features_per_stage(len(strides), max_num_features)
+    estimate = conv_feature_map_size(patch_size, strides, features, num_label_names)
+    reference = (UNET_REFERENCE_VAL_2D if dim == 2 else UNET_REFERENCE_VAL_3D) * (
+        gpu_memory_gb / UNET_REFERENCE_VAL_CORRESP_GB
+    )
+    ref_bs = UNET_REFERENCE_VAL_CORRESP_BS_2D if dim == 2 else UNET_REFERENCE_VAL_CORRESP_BS_3D
+    while (estimate / ref_bs * 2) > reference:
+        axis = int(np.argsort(
+            [i / j for i, j in zip(patch_size, median_shape[:dim], strict=True)]
+        )[-1])
+        patch = list(patch_size)
+        tmp_patch = deepcopy(patch)
+        _, _, _, _, divisible = get_pool_and_conv_props(
+            spacing, tmp_patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
+        )
+        tmp_patch[axis] -= divisible[axis]
+        _, _, _, _, divisible = get_pool_and_conv_props(
+            spacing, tmp_patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
+        )
+        patch[axis] -= divisible[axis]
+        _, strides, kernels, patch_size, _ = get_pool_and_conv_props(
+            spacing, patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
+        )
+        features = _features_per_stage(len(strides), max_num_features)
+        estimate = conv_feature_map_size(patch_size, strides, features, num_label_names)
+    batch_size = round((reference / estimate) * ref_bs)
+    bs_5_percent = round(
+        approximate_n_voxels_dataset * MAX_DATASET_COVERED / np.prod(patch_size, dtype=np.float64)
+    )
+    batch_size = max(min(batch_size, bs_5_percent), UNET_MIN_BATCH_SIZE)
+    n_stages = len(strides)
+    return {
+        "data_identifier": data_identifier,
+        "spacing": [float(s) for s in spacing],
+        "median_image_size_in_voxels": [float(s) for s in median_shape],
+        "patch_size": [int(p) for p in patch_size],
+        "batch_size": int(batch_size),
+        "n_stages": n_stages,
+        "features_per_stage": features,
+        "kernel_sizes": [[int(k) for k in ks] for ks in kernels],
+        "strides": [[int(s) for s in st] for st in strides],
+        "n_conv_per_stage": [UNET_BLOCKS_PER_STAGE_ENCODER] * n_stages,
+        "n_conv_per_stage_decoder": [UNET_BLOCKS_PER_STAGE_DECODER] * (n_stages - 1),
+    }
