@@ -49,22 +49,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fedseg.training.trainer import train_local
+    from fedseg.training.trainer import TrainConfig, train_local
 
-    overrides = {}
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
+    cfg = TrainConfig(device=args.device, seed=args.seed, batch_size=args.batch_size or None)
     res = train_local(
-        data_dir=Path(args.data),
-        plan_path=Path(args.plan),
-        iterations=args.iterations,
-        out_dir=Path(args.out),
-        cache_root=Path(args.cache) if args.cache else None,
-        device=args.device,
-        seed=args.seed,
-        **overrides,
+        data_dir=Path(args.data), plan_path=Path(args.plan), iterations=args.iterations,
+        out_dir=Path(args.out), cache_root=Path(args.cache) if args.cache else None, config=cfg,
     )
-    print(f"model bundle written to {args.out}" + (f" ({res})" if res is not None else ""))
+    print(f"model bundle written to {args.out} (last loss {res.loss:.4f}, "
+          f"{res.iterations_per_s:.2f} it/s)")
     return 0
 
 
@@ -80,11 +73,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedseg.training.evaluate import evaluate_folders
+    from fedseg.training.evaluate import evaluate_folders, json_safe
 
     res = evaluate_folders(Path(args.pred), Path(args.labels), Path(args.json))
-    mean = res.get("mean", res)
-    print(json.dumps(mean, indent=2))
+    summary = {"mean": res["mean"], "foreground_mean": res["foreground_mean"]}
+    print(json.dumps(json_safe(summary), indent=2))
     return 0
 
 
@@ -99,6 +92,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         rounds=args.rounds, local_iterations=args.local_iterations, preset=args.preset,
         seed=args.seed, device=args.device, timeout=args.timeout, extra=extra,
     )
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from fedseg.privacy.provision import provision
+
+    roster = provision(
+        Path(args.out), sites=args.sites.split(","),
+        server_sans=[s for s in args.server_san.split(",") if s.strip()],
+        days=args.days, consortium=args.consortium, force=args.force,
+    )
+    out = Path(args.out)
+    print(f"consortium '{roster.consortium}' provisioned in {out}: CA ca.pem (keep ca.key "
+          f"offline), server.pem/.key for {', '.join(roster.server_sans)}, app-signing key "
+          f"{roster.app_signing.key_id}, roster.json")
+    for name in roster.sites:
+        print(f"  site {name}: give it {out / 'sites' / name / 'identity.key'} and ca.pem")
     return 0
 
 
@@ -170,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("provision", help="create the consortium CA, server certificate, site "
+                                         "identity keys, app-signing key and roster")
+    s.add_argument("out", help="output folder (must not exist or be empty, unless --force)")
+    s.add_argument("--sites", required=True, help="comma-separated site names, e.g. "
+                                                  "hospitalA,hospitalB")
+    s.add_argument("--server-san", default="127.0.0.1,localhost",
+                   help="comma-separated DNS names / IP addresses the server is reached at")
+    s.add_argument("--days", type=int, default=825, help="certificate validity in days")
+    s.add_argument("--consortium", default="fedseg", help="consortium name (in the roster)")
+    s.add_argument("--force", action="store_true", help="replace a previous provisioning")
+    s.set_defaults(func=_cmd_provision)
 
     return p
 
