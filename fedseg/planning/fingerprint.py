@@ -59,15 +59,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedseg.data.dataset import Case, list_cases, load_case, read_dataset_json
 from fedseg.errors import FedsegError
+
+if TYPE_CHECKING:  # the server imports this module; only sites read images (lazy imports below)
+    from fedseg.data.dataset import Case
 
 FINGERPRINT_VERSION = 1
 
@@ -458,25 +460,42 @@ class _Accumulator:
         acc[0][i] += 1.0
         acc[1][i] += value
 
-    def add_case(
-        self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]
+    def add_geometry(
+        self, spacing: Sequence[float], shape_after: Sequence[int], relative_size: float
     ) -> None:
-        """One case: ``image`` (C, k, j, i), ``label`` (k, j, i) or (1, k, j, i)."""
-        if label.ndim == image.ndim:
-            label = label[0]
-        bbox = nonzero_bbox(image)
-        cropped = image[(slice(None), *bbox)]
-        fg = label[bbox] > 0
-        shape_before = image.shape[1:]
-        shape_after = cropped.shape[1:]
+        """The case-level part: spacing, cropped shape, extent, relative size after crop."""
         self.num_cases += 1
         for ax in range(3):
             sp = float(spacing[ax])
             self._put(self.spacing[ax], SPACING_GRID, sp)
             self._put(self.shape[ax], SHAPE_GRID, float(shape_after[ax]))
             self._put(self.extent[ax], EXTENT_GRID, float(shape_after[ax]) * sp)
+        self._put(self.relsize, RELSIZE_GRID, float(relative_size))
+
+    def add_case(
+        self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float], case_id: str
+    ) -> None:
+        """One case: ``image`` (C, k, j, i), ``label`` (k, j, i) or (1, k, j, i)."""
+        if label.ndim == image.ndim:
+            label = label[0]
+        if label.shape != image.shape[1:]:
+            raise FedsegError(
+                f"case {case_id}: label shape {label.shape[::-1]} differs from the image's "
+                f"{image.shape[:0:-1]}; re-export the label on the image grid"
+            )
+        if not np.all(np.isfinite(image)):
+            raise FedsegError(
+                f"case {case_id}: image contains NaN or infinite values; fix the file"
+            )
+        if any(not (math.isfinite(float(s)) and float(s) > 0) for s in spacing):
+            raise FedsegError(f"case {case_id}: voxel spacing {tuple(spacing)[::-1]} not positive")
+        bbox = nonzero_bbox(image)
+        cropped = image[(slice(None), *bbox)]
+        fg = label[bbox] > 0
+        shape_before = image.shape[1:]
+        shape_after = cropped.shape[1:]
         rel = float(np.prod(shape_after) / np.prod(shape_before))
-        self._put(self.relsize, RELSIZE_GRID, rel)
+        self.add_geometry(spacing, shape_after, rel)
         n = int(fg.sum())
         if n == 0:
             return
@@ -518,15 +537,32 @@ class _Accumulator:
         )
 
 
-def fingerprint_cases(
-    cases: Sequence[Case] | Callable[[], Sequence[Case]], channel_names: dict[str, str]
-) -> Fingerprint:
-    """Fingerprint of cases already in memory (nnU-Net axis order, labels required)."""
+def fingerprint_cases(cases: Iterable[Case], channel_names: dict[str, str]) -> Fingerprint:
+    """Fingerprint of cases in memory (nnU-Net axis order, labels required); pass a generator
+    to hold one case at a time."""
     acc = _Accumulator(channel_names)
-    for case in cases() if callable(cases) else cases:
+    for case in cases:
         if case.label is None:
             raise FedsegError(f"case {case.case_id}: no label; the fingerprint needs labels")
-        acc.add_case(case.image, case.label, case.spacing)
+        acc.add_case(case.image, case.label, case.spacing, case.case_id)
+    return acc.result()
+
+
+def fingerprint_from_summaries(
+    channel_names: dict[str, str],
+    spacings: Sequence[Sequence[float]],
+    shapes_after_crop: Sequence[Sequence[int]],
+    relative_sizes: Sequence[float],
+) -> Fingerprint:
+    """The geometric part of a fingerprint from per-case lists (no intensity statistics).
+
+    These are the lists of an nnU-Net ``dataset_fingerprint.json`` (``spacings``,
+    ``shapes_after_crop``; nnU-Net keeps only the median relative size). Tests use it to check
+    the planner against nnU-Net on many random datasets without images.
+    """
+    acc = _Accumulator(channel_names)
+    for sp, sh, rel in zip(spacings, shapes_after_crop, relative_sizes, strict=True):
+        acc.add_geometry(sp, sh, rel)
     return acc.result()
 
 
@@ -541,6 +577,8 @@ def compute_fingerprint(
     Reads one case at a time (memory: one case). ``progress(done, total, case_id)`` is called
     after every case.
     """
+    from fedseg.data.dataset import list_cases, load_case, read_dataset_json
+
     ds = read_dataset_json(data_dir)
     files = list_cases(data_dir, ds, "Tr")
     if not files:
@@ -554,7 +592,7 @@ def compute_fingerprint(
             raise FedsegError(f"{f.label}: missing label file; every training case needs one")
         case = load_case(f, with_label=True)
         assert case.label is not None
-        acc.add_case(case.image, case.label, case.spacing)
+        acc.add_case(case.image, case.label, case.spacing, f.case_id)
         if progress is not None:
             progress(i + 1, len(files), f.case_id)
     return acc.result()

@@ -43,7 +43,16 @@ class ConfigurationPlan(BaseModel):
     median_image_size_in_voxels: list[float]
     patch_size: list[int]
     batch_size: int
-    normalization_schemes: list[Literal["CTNormalization", "ZScoreNormalization"]]
+    # nnU-Net's schemes, chosen by channel name (see fedseg.planning.planner)
+    normalization_schemes: list[
+        Literal[
+            "CTNormalization",
+            "ZScoreNormalization",
+            "NoNormalization",
+            "RescaleTo01Normalization",
+            "RGBTo01Normalization",
+        ]
+    ]
     use_mask_for_norm: list[bool]
     n_stages: int
     features_per_stage: list[int]

@@ -38,13 +38,14 @@ cascade) — it only decides ``batch_dice`` of 3d_fullres, as in nnU-Net.
 
 from __future__ import annotations
 
+import functools
 import math
 from copy import deepcopy
 from typing import Any
 
 import numpy as np
 
-from fedseg.data.dataset import DatasetJson
+from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
 from fedseg.planning.fingerprint import NNUNET_FOREGROUND_SAMPLES, Fingerprint, Histogram
 from fedseg.planning.plan import ConfigurationPlan, IntensityProperties, Plan
@@ -91,18 +92,15 @@ def _lerp(a: float, b: float, t: float) -> float:
 
 
 def _values_at_ranks(values: np.ndarray, cum: np.ndarray, ranks: list[int]) -> list[float]:
+    """Values of the given 0-based ranks of the sorted sample (``cum``: cumulative counts)."""
     idx = np.searchsorted(cum, np.asarray(ranks, dtype=np.float64), side="right")
     idx = np.minimum(idx, values.size - 1)
     return [float(values[i]) for i in idx]
 
 
-def hist_percentile(hist: Histogram, q: float, scale: float = 1.0) -> float:
-    """``np.percentile(x, q)`` of the sample the histogram describes.
-
-    ``scale`` turns bin weights into sample counts (the weights are case counts for spacings
-    and shapes; for intensities, nnU-Net's per-case sample size).
-    """
-    values, weights = hist.sorted_values()
+def percentile(values: np.ndarray, weights: np.ndarray, q: float, scale: float = 1.0) -> float:
+    """``np.percentile(sample, q)`` (method "linear") of the sample in which each sorted
+    ``values[i]`` occurs ``weights[i] * scale`` times."""
     if values.size == 0:
         raise FedsegError("empty fingerprint: no cases")
     cum = np.cumsum(weights * scale)
@@ -115,9 +113,8 @@ def hist_percentile(hist: Histogram, q: float, scale: float = 1.0) -> float:
     return _lerp(a, b, h - lo)
 
 
-def hist_median(hist: Histogram) -> float:
-    """``np.median`` of the per-case values (mean of the two middle ones when n is even)."""
-    values, weights = hist.sorted_values()
+def median(values: np.ndarray, weights: np.ndarray) -> float:
+    """``np.median`` of the sample (mean of the two middle values when its size is even)."""
     if values.size == 0:
         raise FedsegError("empty fingerprint: no cases")
     cum = np.cumsum(weights)
@@ -128,22 +125,30 @@ def hist_median(hist: Histogram) -> float:
     return (a + b) / 2
 
 
+def hist_percentile(hist: Histogram, q: float, scale: float = 1.0) -> float:
+    """:func:`percentile` of a histogram's values (bin weight x ``scale`` = occurrences:
+    weights are case counts for spacings and shapes; for intensities ``scale`` is nnU-Net's
+    per-case sample size)."""
+    return percentile(*hist.sorted_values(), q, scale)
+
+
+def hist_median(hist: Histogram) -> float:
+    return median(*hist.sorted_values())
+
+
 def median_resampled_shape(fp: Fingerprint, target_spacing: np.ndarray) -> np.ndarray:
     """``np.median([compute_new_shape(shape, spacing, target) for each case], 0)``.
 
     ``compute_new_shape`` gives ``round(spacing / target * shape)`` per axis, a non-decreasing
-    function of the extent shape*spacing, so the median follows from the extent histogram.
+    function of the extent shape*spacing, so the median follows from the extent histogram
+    (fedseg rounds ``extent / target``: the same number except, in principle, when the
+    quotient is a tie x.5 that the two operation orders round differently by one ulp).
     """
     out = []
     for ax in range(3):
         values, weights = fp.extent_after_crop[ax].sorted_values()
         new = np.array([round(v / float(target_spacing[ax])) for v in values], dtype=np.float64)
-        out.append(hist_median(Histogram.model_construct(
-            grid=fp.extent_after_crop[ax].grid,
-            bins=list(range(values.size)),
-            weights=weights.tolist(),
-            sums=(new * weights).tolist(),
-        )))
+        out.append(median(new, weights))
     return np.array(out)
 
 
@@ -224,7 +229,7 @@ def normalization_schemes(
     return schemes, use_mask
 
 
-def _pad_shape(shape: list[Any], must_be_divisible_by: np.ndarray) -> np.ndarray:
+def _pad_shape(shape: list[Any], must_be_divisible_by: list[int]) -> np.ndarray:
     """``network_topology.pad_shape``."""
     new_shp = [
         shape[i] + must_be_divisible_by[i] - shape[i] % must_be_divisible_by[i]
@@ -244,9 +249,30 @@ def get_pool_and_conv_props(
     Returns (pools per axis, strides per stage, kernel sizes per stage, padded patch size,
     shape_must_be_divisible_by).
     """
+    pools, strides, kernels, padded, divisible = _pool_and_conv_props(
+        tuple(float(i) for i in spacing), tuple(float(i) for i in patch_size),
+        min_feature_map_size, max_numpool,
+    )
+    return (
+        list(pools),
+        [list(st) for st in strides],
+        [list(k) for k in kernels],
+        padded,
+        np.array(divisible),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool_and_conv_props(
+    spacing: tuple[float, ...],
+    patch_size: tuple[float, ...],
+    min_feature_map_size: int,
+    max_numpool: int,
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...],
+           tuple[int, ...], tuple[int, ...]]:
     dim = len(spacing)
-    current_spacing = list(deepcopy(list(spacing)))
-    current_size = list(deepcopy(list(patch_size)))
+    current_spacing = [float(i) for i in spacing]
+    current_size = [float(i) for i in patch_size]
     pool_op_kernel_sizes = [[1] * dim]
     conv_kernel_sizes: list[list[int]] = []
     num_pool_per_axis = [0] * dim
@@ -275,18 +301,18 @@ def get_pool_and_conv_props(
             pool_kernel_sizes[v] = 2
             num_pool_per_axis[v] += 1
             current_spacing[v] *= 2
-            current_size[v] = np.ceil(current_size[v] / 2)
+            current_size[v] = float(math.ceil(current_size[v] / 2))
         pool_op_kernel_sizes.append(pool_kernel_sizes)
         conv_kernel_sizes.append(list(kernel_size))
-    must_be_divisible_by = 2 ** np.array(num_pool_per_axis)
+    must_be_divisible_by = [2**i for i in num_pool_per_axis]
     padded = _pad_shape(list(patch_size), must_be_divisible_by)
     conv_kernel_sizes.append([3] * dim)
     return (
-        num_pool_per_axis,
-        pool_op_kernel_sizes,
-        conv_kernel_sizes,
+        tuple(num_pool_per_axis),
+        tuple(tuple(p) for p in pool_op_kernel_sizes),
+        tuple(tuple(k) for k in conv_kernel_sizes),
         tuple(int(i) for i in padded),
-        must_be_divisible_by,
+        tuple(must_be_divisible_by),
     )
 
 
@@ -310,12 +336,10 @@ def conv_feature_map_size(
         sizes.append(size)
     out = 0
     for s, f in enumerate(features):
-        out += UNET_BLOCKS_PER_STAGE_ENCODER * f * int(np.prod(sizes[s], dtype=np.int64))
+        out += UNET_BLOCKS_PER_STAGE_ENCODER * f * math.prod(sizes[s])
     for j in range(len(features) - 1):
-        out += (UNET_BLOCKS_PER_STAGE_DECODER + 1) * features[j] * int(
-            np.prod(sizes[j], dtype=np.int64)
-        )
-    out += num_classes * int(np.prod(sizes[0], dtype=np.int64))
+        out += (UNET_BLOCKS_PER_STAGE_DECODER + 1) * features[j] * math.prod(sizes[j])
+    out += num_classes * math.prod(sizes[0])
     return out
 
 
@@ -339,7 +363,7 @@ def configuration(
     initial_patch_size = np.array(
         [min(i, j) for i, j in zip(initial_patch_size, median_shape[:dim], strict=True)]
     )
-    _, strides, kernels, patch_size, _ = get_pool_and_conv_props(
+    _, strides, kernels, patch_size, divisible = get_pool_and_conv_props(
         spacing, initial_patch_size, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
     )
     features = _features_per_stage(len(strides), max_num_features)
@@ -352,17 +376,15 @@ def configuration(
         axis = int(np.argsort(
             [i / j for i, j in zip(patch_size, median_shape[:dim], strict=True)]
         )[-1])
+        # reduce by the divisibility of the SMALLER candidate so no valid size is skipped
         patch = list(patch_size)
         tmp_patch = deepcopy(patch)
-        _, _, _, _, divisible = get_pool_and_conv_props(
-            spacing, tmp_patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
-        )
         tmp_patch[axis] -= divisible[axis]
         _, _, _, _, divisible = get_pool_and_conv_props(
             spacing, tmp_patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
         )
         patch[axis] -= divisible[axis]
-        _, strides, kernels, patch_size, _ = get_pool_and_conv_props(
+        _, strides, kernels, patch_size, divisible = get_pool_and_conv_props(
             spacing, patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
         )
         features = _features_per_stage(len(strides), max_num_features)
@@ -386,3 +408,126 @@ def configuration(
         "n_conv_per_stage": [UNET_BLOCKS_PER_STAGE_ENCODER] * n_stages,
         "n_conv_per_stage_decoder": [UNET_BLOCKS_PER_STAGE_DECODER] * (n_stages - 1),
     }
+
+
+def plan_configurations(
+    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0
+) -> dict[str, Any]:
+    """``plan_experiment``: everything of nnU-Net's plans fedseg compares, as plain dicts.
+
+    Keys: ``transpose_forward``, ``transpose_backward``, ``original_median_spacing_after_transp``,
+    ``original_median_shape_after_transp``, ``median_relative_size_after_cropping`` and
+    ``configurations`` with ``3d_fullres``, ``2d`` and, when nnU-Net would make one,
+    ``3d_lowres``.
+    """
+    if fp.num_cases < 1:
+        raise FedsegError("the fingerprint holds no case; every site needs training cases")
+    if gpu_memory_gb <= 0:
+        raise FedsegError(f"gpu_memory_gb={gpu_memory_gb}: must be positive (GiB of the GPU)")
+    if fp.channel_names != ds.channel_names:
+        raise FedsegError(
+            f"fingerprint channels {fp.channel_names} differ from dataset.json channel_names "
+            f"{ds.channel_names}"
+        )
+    num_training = fp.num_cases
+    num_label_names = len(ds.labels)
+    target = fullres_target_spacing(fp)
+    tf, tb = transpose(target)
+    spacing_t = target[tf]
+    new_median = median_resampled_shape(fp, target)
+    new_median_t = new_median[tf]
+    if new_median_t[0] == 1:
+        raise FedsegError(
+            "the median image is 2D (one slice after resampling); fedseg trains 3D data only"
+        )
+    approx_voxels = float(np.prod(new_median_t, dtype=np.float64) * num_training)
+    ident = PLANS_IDENTIFIER + "_"
+
+    fullres = configuration(
+        spacing_t, new_median_t, ident + "3d_fullres", approx_voxels, num_label_names,
+        gpu_memory_gb,
+    )
+    # 3d_lowres: only whether it exists matters to fedseg (it sets batch_dice of 3d_fullres)
+    median_num_voxels = np.prod(new_median_t, dtype=np.float64)
+    num_voxels_in_patch = np.prod(fullres["patch_size"], dtype=np.float64)
+    lowres: dict[str, Any] | None = None
+    lowres_spacing = deepcopy(spacing_t)
+    while num_voxels_in_patch / median_num_voxels < LOWRES_CREATION_THRESHOLD:
+        max_spacing = max(lowres_spacing)
+        if np.any((max_spacing / lowres_spacing) > 2):
+            lowres_spacing[(max_spacing / lowres_spacing) > 2] *= 1.03
+        else:
+            lowres_spacing *= 1.03
+        median_num_voxels = np.prod(spacing_t / lowres_spacing * new_median_t, dtype=np.float64)
+        lowres = configuration(
+            lowres_spacing,
+            tuple(round(i) for i in spacing_t / lowres_spacing * new_median_t),
+            ident + "3d_lowres",
+            float(np.prod(median_num_voxels) * num_training),
+            num_label_names,
+            gpu_memory_gb,
+        )
+        num_voxels_in_patch = np.prod(lowres["patch_size"], dtype=np.int64)
+    if np.prod(new_median_t, dtype=np.float64) / median_num_voxels < 2:
+        lowres = None
+    fullres["batch_dice"] = lowres is not None
+    if lowres is not None:
+        lowres["batch_dice"] = False
+
+    plan2d = configuration(
+        spacing_t[1:], new_median_t[1:], ident + "2d", approx_voxels, num_label_names,
+        gpu_memory_gb,
+    )
+    plan2d["batch_dice"] = True
+
+    rel = hist_median(fp.relative_size_after_crop)
+    schemes, use_mask = normalization_schemes(ds.channel_names, rel)
+    configs = {"3d_fullres": fullres, "2d": plan2d}
+    if lowres is not None:
+        configs["3d_lowres"] = lowres
+    for cfg in configs.values():
+        cfg["normalization_schemes"] = list(schemes)
+        cfg["use_mask_for_norm"] = list(use_mask)
+
+    median_spacing = np.array([hist_median(fp.spacing[ax]) for ax in range(3)])[tf]
+    median_shape = np.array([hist_median(fp.shape_after_crop[ax]) for ax in range(3)])[tf]
+    return {
+        "transpose_forward": [int(i) for i in tf],
+        "transpose_backward": [int(i) for i in tb],
+        "original_median_spacing_after_transp": [float(i) for i in median_spacing],
+        "original_median_shape_after_transp": [int(round(i)) for i in median_shape],
+        "median_relative_size_after_cropping": rel,
+        "configurations": configs,
+    }
+
+
+def make_plan(
+    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0, dataset_name: str = "fedseg"
+) -> Plan:
+    """The plan nnU-Net v2's default planner makes for the data ``fp`` summarises.
+
+    ``fp`` is the sum of every site's fingerprint; ``ds`` the (common) dataset.json;
+    ``gpu_memory_gb`` the smallest site GPU (nnU-Net's ``gpu_memory_target_in_gb``, default 8).
+    """
+    raw = plan_configurations(fp, ds, gpu_memory_gb)
+    configs = {
+        name: ConfigurationPlan(**cfg)
+        for name, cfg in raw["configurations"].items()
+        if name in ("3d_fullres", "2d")
+    }
+    return Plan(
+        dataset_name=dataset_name,
+        channel_names=dict(ds.channel_names),
+        labels=dict(ds.labels),
+        file_ending=ds.file_ending,
+        num_training_cases=fp.num_cases,
+        gpu_memory_gb=float(gpu_memory_gb),
+        transpose_forward=raw["transpose_forward"],
+        transpose_backward=raw["transpose_backward"],
+        original_median_spacing_after_transp=raw["original_median_spacing_after_transp"],
+        original_median_shape_after_transp=[float(i) for i in raw[
+            "original_median_shape_after_transp"
+        ]],
+        foreground_intensity_properties_per_channel=intensity_properties(fp),
+        configurations=configs,
+    )

@@ -1,0 +1,321 @@
+"""Write nnU-Net v2's own plans for fedseg's test datasets to ``tests/goldens/<name>.json``.
+
+Why: fedseg's planner (``fedseg/planning/planner.py``) claims to make the plan nnU-Net v2 would
+make on the POOLED data of all sites. The only convincing check is nnU-Net itself: this script
+builds each dataset deterministically, pools all sites' ``imagesTr``/``labelsTr`` into one
+nnU-Net raw dataset, runs nnU-Net's real fingerprint extraction and default
+``ExperimentPlanner``, and stores the fields fedseg must reproduce. ``tests/test_planner.py``
+then computes per-site fedseg fingerprints, ADDS them, plans, and compares.
+
+nnunetv2 is NOT a fedseg dependency; run this in a separate environment::
+
+    python3 -m venv /tmp/nnvenv && /tmp/nnvenv/bin/pip install torch==2.13.0 nnunetv2
+    /tmp/nnvenv/bin/python tools/make_nnunet_goldens.py            # all datasets
+    /tmp/nnvenv/bin/python tools/make_nnunet_goldens.py --only demo
+
+Datasets (see ``tests/synthetic_datasets.py``): ``demo`` = ``fedseg.data.demo.make_demo_data(
+sites=3, cases=10, test_cases=4, seed=0)`` (1 MRI channel, 3 scanners, small volumes);
+``aniso_ct`` = anisotropic CT, 2 sites (10th-percentile spacing, transpose, CTNormalization);
+``big_mri`` = 2-channel MRI at ~160^3, 2 sites (patch-size reduction under 8 GB). Each is
+planned at nnU-Net's default 8 GB target and at smaller targets (more reductions; 0.1 GB makes
+nnU-Net add a 3d_lowres configuration, which flips 3d_fullres' batch_dice); the plans are keyed
+by the target in GB. ``random`` (``random_fingerprints.json``): nnU-Net's planner on 80 random
+fingerprints (per-case spacings and cropped shapes written straight into nnU-Net's
+``dataset_fingerprint.json``, no images) at 8 GB and a random target — the rules on many more
+shapes, anisotropies, ties and budgets than image datasets could cover cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import synthetic_datasets as sd  # noqa: E402
+
+GPU_TARGETS = {"demo": [8.0, 0.1], "aniso_ct": [8.0, 0.5, 0.1], "big_mri": [8.0, 4.0]}
+DATASET_IDS = {"demo": 1, "aniso_ct": 2, "big_mri": 3}
+CONFIG_FIELDS = (
+    "spacing",
+    "patch_size",
+    "batch_size",
+    "median_image_size_in_voxels",
+    "normalization_schemes",
+    "use_mask_for_norm",
+    "batch_dice",
+)
+ARCH_FIELDS = ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage",
+               "n_conv_per_stage_decoder")
+
+
+def build_sites(name: str, root: Path) -> list[Path]:
+    """The per-site raw datasets of ``name`` under ``root``."""
+    if name == "demo":
+        from fedseg.data.demo import make_demo_data
+
+        return make_demo_data(root, sites=3, cases=10, test_cases=4, seed=0)
+    return sd.write_sites(name, root)
+
+
+def pool(sites: list[Path], raw_root: Path, dataset_id: int, name: str) -> Path:
+    """Copy every site's training cases into ``raw_root/DatasetXXX_name`` (nnU-Net layout)."""
+    out = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir(parents=True)
+    meta = json.loads((sites[0] / "dataset.json").read_text())
+    n = 0
+    for s in sites:
+        for f in sorted((s / "imagesTr").iterdir()):
+            shutil.copy(f, out / "imagesTr" / f.name)
+        for f in sorted((s / "labelsTr").iterdir()):
+            shutil.copy(f, out / "labelsTr" / f.name)
+            n += 1
+    ds = {
+        "name": name,
+        "channel_names": meta["channel_names"],
+        "labels": meta["labels"],
+        "numTraining": n,
+        "file_ending": meta.get("file_ending", ".nii.gz"),
+    }
+    (out / "dataset.json").write_text(json.dumps(ds, indent=2))
+    return out
+
+
+def run_nnunet(dataset_id: int, targets: list[float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """nnU-Net's fingerprint and, per GPU target, its plans (environment already set)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+        ExperimentPlanner,
+    )
+
+    fingerprint = DatasetFingerprintExtractor(dataset_id, num_processes=2).run(
+        overwrite_existing=True
+    )
+    plans = {}
+    for gb in targets:
+        planner = ExperimentPlanner(
+            dataset_id, gpu_memory_target_in_gb=gb, plans_name=f"nnUNetPlans_{gb:g}GB"
+        )
+        plans[f"{gb:g}"] = planner.plan_experiment()
+    return fingerprint, plans
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def golden(name: str, sites: list[Path], fingerprint: dict, plans: dict) -> dict[str, Any]:
+    import nnunetv2
+
+    out_plans = {}
+    for gb, p in plans.items():
+        configs = {}
+        for cname, cfg in p["configurations"].items():
+            if "architecture" not in cfg:
+                continue  # 3d_cascade_fullres only inherits
+            arch = cfg["architecture"]["arch_kwargs"]
+            c = {k: cfg[k] for k in CONFIG_FIELDS}
+            c.update({k: arch[k] for k in ARCH_FIELDS})
+            configs[cname] = c
+        out_plans[gb] = {
+            "transpose_forward": p["transpose_forward"],
+            "transpose_backward": p["transpose_backward"],
+            "original_median_spacing_after_transp": p["original_median_spacing_after_transp"],
+            "original_median_shape_after_transp": p["original_median_shape_after_transp"],
+            "configurations": configs,
+        }
+    return _jsonable({
+        "name": name,
+        "generated_by": "tools/make_nnunet_goldens.py",
+        "nnunetv2_version": getattr(nnunetv2, "__version__", None) or _dist_version("nnunetv2"),
+        "sites": {s.name: sorted(f.name for f in (s / "labelsTr").iterdir()) for s in sites},
+        "fingerprint": {
+            "spacings": fingerprint["spacings"],
+            "shapes_after_crop": fingerprint["shapes_after_crop"],
+            "median_relative_size_after_cropping": fingerprint[
+                "median_relative_size_after_cropping"
+            ],
+        },
+        "foreground_intensity_properties_per_channel": fingerprint[
+            "foreground_intensity_properties_per_channel"
+        ],
+        "plans": out_plans,
+    })
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib.metadata import version
+
+    try:
+        return version(dist)
+    except Exception:
+        return None
+
+
+# ---- random fingerprints: the planner rules on many datasets, without images --------------
+
+RANDOM_DATASETS = 80
+RANDOM_CHANNELS = ["CT", "T1", "T2", "ADC", "FLAIR", "noNorm", "zscore", "rescale_to_0_1"]
+
+
+def random_dataset(rng: Any, i: int) -> dict[str, Any]:
+    """Per-case spacings / cropped shapes / relative sizes of a random dataset.
+
+    Patterns: isotropic, one anisotropic axis (thick slices, few of them), mixed, tiny and huge
+    volumes; spacings are float32 values (as read from NIfTI headers), often repeated across
+    cases (scanners share protocols), so medians and the 10th percentile hit ties and
+    interpolations alike.
+    """
+    import numpy as np
+
+    n = int(rng.integers(1, 41))
+    pattern = str(rng.choice(["iso", "aniso", "aniso", "mixed", "tiny", "huge"]))
+    axis = int(rng.integers(0, 3))
+    if pattern == "iso":
+        base_sp = np.full(3, rng.uniform(0.4, 1.5))
+        base_sh = rng.uniform(40, 300, 3)
+    elif pattern == "aniso":
+        base_sp = rng.uniform(0.4, 1.2, 3)
+        base_sp[1:] = base_sp[1]  # in-plane isotropic...
+        base_sp = np.roll(base_sp, axis)
+        base_sp[axis] = rng.uniform(2.5, 8.0)  # ...and one thick axis
+        base_sh = rng.uniform(120, 520, 3)
+        base_sh[axis] = rng.uniform(10, 80)
+    elif pattern == "mixed":
+        base_sp = rng.uniform(0.3, 3.0, 3)
+        base_sh = rng.uniform(20, 400, 3)
+    elif pattern == "tiny":
+        base_sp = rng.uniform(0.5, 2.0, 3)
+        base_sh = rng.uniform(8, 40, 3)
+    else:
+        base_sp = rng.uniform(0.6, 1.0, 3)
+        base_sh = rng.uniform(300, 700, 3)
+    protocols = [base_sp * rng.uniform(0.75, 1.3, 3) for _ in range(int(rng.integers(1, 5)))]
+    spacings, shapes, rel = [], [], []
+    for _ in range(n):
+        if rng.random() < 0.6:
+            sp = protocols[int(rng.integers(0, len(protocols)))]
+        else:
+            sp = base_sp * rng.uniform(0.7, 1.4, 3)
+        sp = [float(np.float32(v)) for v in sp]
+        sh = [max(8, int(v)) for v in base_sh * rng.uniform(0.7, 1.4, 3)]
+        spacings.append(sp)
+        shapes.append(sh)
+        rel.append(float(rng.choice([1.0, rng.uniform(0.3, 1.0)])))
+    n_ch = int(rng.integers(1, 4))
+    channels = {str(c): str(rng.choice(RANDOM_CHANNELS)) for c in range(n_ch)}
+    labels = {"background": 0, **{f"l{k}": k for k in range(1, int(rng.integers(2, 6)))}}
+    gbs = sorted({float(rng.choice([2, 4, 6, 8, 11, 24, 40, 80])), 8.0})
+    return {"id": i, "pattern": pattern, "channel_names": channels, "labels": labels,
+            "spacings": spacings, "shapes_after_crop": shapes, "relative_sizes": rel,
+            "gpu_memory_gb": gbs}
+
+
+def random_goldens(work: Path) -> dict[str, Any]:
+    """nnU-Net's ExperimentPlanner on RANDOM_DATASETS random fingerprints."""
+    import nibabel as nib
+    import numpy as np
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+        ExperimentPlanner,
+    )
+
+    rng = np.random.default_rng(sd.SEED)
+    entries = []
+    for i in range(RANDOM_DATASETS):
+        d = random_dataset(rng, i)
+        did = 100 + i
+        raw = work / "raw" / f"Dataset{did:03d}_random{i}"
+        (raw / "imagesTr").mkdir(parents=True)
+        (raw / "labelsTr").mkdir(parents=True)
+        for c in d["channel_names"]:  # one dummy case: nnU-Net looks up the reader from it
+            nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
+                     str(raw / "imagesTr" / f"dummy_{int(c):04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)),
+                 str(raw / "labelsTr" / "dummy.nii.gz"))
+        (raw / "dataset.json").write_text(json.dumps({
+            "channel_names": d["channel_names"], "labels": d["labels"],
+            "numTraining": len(d["spacings"]), "file_ending": ".nii.gz",
+        }))
+        pre = work / "preprocessed" / raw.name
+        pre.mkdir(parents=True)
+        dummy_props = {"mean": 0.0, "median": 0.0, "std": 1.0, "min": 0.0, "max": 1.0,
+                       "percentile_99_5": 1.0, "percentile_00_5": 0.0}
+        (pre / "dataset_fingerprint.json").write_text(json.dumps({
+            "spacings": d["spacings"],
+            "shapes_after_crop": d["shapes_after_crop"],
+            "median_relative_size_after_cropping": float(np.median(d["relative_sizes"])),
+            "foreground_intensity_properties_per_channel": {
+                c: dummy_props for c in d["channel_names"]
+            },
+        }))
+        plans = {}
+        for gb in d["gpu_memory_gb"]:
+            plans[f"{gb:g}"] = ExperimentPlanner(
+                did, gpu_memory_target_in_gb=gb, plans_name=f"nnUNetPlans_{gb:g}GB"
+            ).plan_experiment()
+        d["plans"] = golden("random", [], {"spacings": [], "shapes_after_crop": [],
+                            "median_relative_size_after_cropping": None,
+                            "foreground_intensity_properties_per_channel": {}}, plans)["plans"]
+        entries.append(d)
+        print(f"random dataset {i}: {d['pattern']}, {len(d['spacings'])} cases", flush=True)
+    return {"name": "random_fingerprints", "generated_by": "tools/make_nnunet_goldens.py",
+            "nnunetv2_version": _dist_version("nnunetv2"), "datasets": entries}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "tests" / "goldens")
+    names = [*DATASET_IDS, "random"]
+    ap.add_argument("--only", nargs="*", choices=names, default=names)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary nnU-Net folders")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fedseg-goldens-"))
+    for sub in ("raw", "preprocessed", "results"):
+        (work / sub).mkdir()
+    # nnunetv2.paths reads these at import time: set them before importing nnunetv2
+    os.environ["nnUNet_raw"] = str(work / "raw")
+    os.environ["nnUNet_preprocessed"] = str(work / "preprocessed")
+    os.environ["nnUNet_results"] = str(work / "results")
+    os.environ.setdefault("nnUNet_n_proc_DA", "2")
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in args.only:
+            if name == "random":
+                path = args.out / "random_fingerprints.json"
+                path.write_text(json.dumps(_jsonable(random_goldens(work)), indent=None) + "\n")
+                print(f"wrote {path}")
+                continue
+            sites = build_sites(name, work / "sites" / name)
+            pool(sites, work / "raw", DATASET_IDS[name], name)
+            fingerprint, plans = run_nnunet(DATASET_IDS[name], GPU_TARGETS[name])
+            g = golden(name, sites, fingerprint, plans)
+            path = args.out / f"{name}.json"
+            path.write_text(json.dumps(g, indent=1) + "\n")
+            print(f"wrote {path}")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
