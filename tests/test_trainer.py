@@ -225,7 +225,9 @@ def test_device_augmenter_shapes_and_labels(data):
 
 
 def _momentum(tr: LocalTrainer) -> list[torch.Tensor]:
-    return [tr.optimizer.state[p]["momentum_buffer"].clone() for p in tr.net.parameters()]
+    # parameters of a zero-weighted deep-supervision head get no gradient, hence no buffer
+    st = tr.optimizer.state
+    return [st[p]["momentum_buffer"].clone() for p in tr.net.parameters() if p in st]
 
 
 def test_resume_from_disk_matches_one_go(data, tmp_path: Path):
@@ -242,6 +244,7 @@ def test_resume_from_disk_matches_one_go(data, tmp_path: Path):
     b = LocalTrainer(plan, folder, tmp_path / "split", cfg)  # fresh process: state from disk
     assert b.iteration == 3
     mom = _momentum(b)
+    assert len(mom) > 0
     assert any(m.abs().sum() > 0 for m in mom)  # momentum restored, not fresh
     r = b.train_iterations(None, 3, 3, 100)
     assert r.iteration == 6
@@ -287,8 +290,8 @@ def test_loss_drops_on_learnable_data(data, tmp_path: Path):
 
 def test_train_with_augmentation_runs(data, tmp_path: Path):
     plan, folder = data
-    tr = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(augment=True))
-    r = tr.train_iterations(None, 3, 0, 100)
+    tr = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(augment=True, ignore_outside=True))
+    r = tr.train_iterations(None, 3, 0, 100, proximal_mu=0.01)  # FedProx term on
     assert math.isfinite(r.loss)
 
 
@@ -298,3 +301,97 @@ def test_bad_config_errors(data, tmp_path: Path):
         LocalTrainer(plan, folder, tmp_path / "s", cpu_config(patch_size=[18, 16, 16]))
     with pytest.raises(FedsegError, match="no preprocessed"):
         LocalTrainer(plan, tmp_path / "missing", tmp_path / "s", cpu_config())
+    with pytest.raises(FedsegError, match="not preprocessed: nope"):
+        LocalTrainer(plan, folder, tmp_path / "s", cpu_config(), case_ids=["c0", "nope"])
+    tr = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(), case_ids=["c1", "c0"])
+    assert tr.num_cases == 2 and tr.sampler.case_ids == ["c0", "c1"]
+
+
+def test_spatial_and_mirror_keep_image_and_labels_aligned():
+    # image == labels; with only rotation/scaling/mirroring on, they must still agree
+    cfg = AugmentConfig(**{k: (1.0 if k in ("p_rotation", "p_scaling", "p_mirror_per_axis")
+                               else 0.0) for k in AugmentConfig.model_fields if k.startswith("p_")})
+    setup = spatial_setup([16, 16, 16], cfg, augment=True)
+    big = setup.initial_patch_size
+    seg = torch.zeros(2, 1, *big, dtype=torch.int16)
+    seg[:, :, 8:-8, 10:-6, 9:-9] = 1
+    seg[:, :, 14:-12, 14:-12, 13:-15] = 2
+    rng = np.random.default_rng(0)
+    from fedseg.training.augment import sample_params, sample_spatial
+
+    mats = torch.tensor(np.stack([sample_spatial(rng, setup, cfg) for _ in range(2)]),
+                        dtype=torch.float32)
+    params = sample_params(rng, 2, 1, setup, cfg)
+    batch = {
+        "image": torch.zeros(0, 1, 16, 16, 16), "seg": torch.zeros(0, 1, 16, 16, 16,
+                                                                   dtype=torch.int16),
+        "image_big": seg.float(), "seg_big": seg, "matrices": mats, **params,
+    }
+    img, lab = DeviceAugmenter(setup, 3, torch.device("cpu"))(batch)
+    inside = lab >= 0
+    agree = (img.round()[inside] == lab[inside].float()).float().mean()
+    assert agree > 0.95, agree
+    assert (lab > 0).any()
+
+
+def test_train_local_checkpoints_resumes_and_bundles(tmp_path: Path):
+    from fedseg.data.demo import make_demo_data
+    from fedseg.models.bundle import load_bundle
+    from fedseg.training.trainer import train_local
+
+    site = make_demo_data(tmp_path / "demo", sites=1, cases=2, test_cases=0)[0]
+    plan = tiny_plan()
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "model"
+    cfg = cpu_config(checkpoint_every=2)
+    r = train_local(site, tmp_path / "plan.json", 3, out, config=cfg, progress=False)
+    assert r.iterations == 3 and r.iteration == 3
+    assert (site / ".fedseg_cache" / plan.hash() / "3d_fullres").is_dir()
+    _, _, state, info = load_bundle(out)
+    assert info.trained_iterations == 3
+    # a longer run in the same folder continues from the checkpoint, LR over the new total
+    r2 = train_local(site, tmp_path / "plan.json", 5, out, config=cfg, progress=False)
+    assert r2.iterations == 2 and r2.iteration == 5
+    assert r2.lr_first == pytest.approx(poly_lr(0.01, 3, 5))
+    assert load_bundle(out)[3].trained_iterations == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_augment_and_step_never_wait_for_the_gpu(data, tmp_path: Path):
+    """On CUDA the per-batch path (device augmentation with every transform on, bf16 step)
+    must not block the host: a sync per step would idle the GPU while Python launches kernels."""
+    import warnings
+
+    from fedseg.training.sampling import DevicePrefetcher, _pin
+
+    plan, folder = data
+    tr = LocalTrainer(plan, folder, tmp_path / "s", TrainConfig(device="cuda", num_workers=0))
+    always = AugmentConfig(**{k: 1.0 for k in AugmentConfig.model_fields if k.startswith("p_")})
+    tr.sampler.augment = always
+    batches = DevicePrefetcher(iter([_pin(tr.sampler.batch(i)) for i in range(3)]), tr.device)
+    for i, batch in enumerate(batches):
+        if i == 2:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image, seg = tr.augmenter(batch)
+                loss = tr.train_step(image, seg.clamp_min(0), 0.01)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if i == 2:
+            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            assert not syncs, syncs
+    assert torch.isfinite(loss).item()
+
+
+def test_mask_for_norm_channels_zeroed_outside(data):
+    plan, folder = data
+    setup = spatial_setup([16, 16, 16], AugmentConfig(), augment=False)
+    s = PatchSampler(folder, setup, batch_size=2, seed=0)
+    batch = s.batch(0)
+    img, seg = DeviceAugmenter(setup, 3, torch.device("cpu"), mask_channels=[0])(batch)
+    assert (seg < 0).any()
+    assert (img[seg < 0] == 0).all()
+    assert (img[seg >= 0] != 0).any()

@@ -71,7 +71,8 @@ def _handler(fn: Callable[[Message, SiteConfig], Message]) -> Callable[[Message,
         except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
             traceback.print_exc()
             return Message(
-                pack_error(pm.ErrorReply(site=site, kind="internal", message=repr(err)[:500])),
+                pack_error(pm.ErrorReply(site=site, kind="internal",
+                                         message=" ".join(repr(err).split())[:500])),
                 reply_to=msg,
             )
 
@@ -186,8 +187,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
     train_ids, _ = _split(cfg)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
-    tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
-                       proximal_mu=req.proximal_mu)
+    tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations)
     trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
                            case_ids=train_ids)
     import torch
@@ -195,6 +195,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     res = trainer.train_iterations(
         {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
         req.local_iterations, req.global_iteration_start, req.global_total_iterations,
+        proximal_mu=req.proximal_mu,
     )
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
     reply = pm.TrainReply(

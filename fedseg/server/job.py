@@ -402,7 +402,7 @@ class FederatedJob:
             self.refresh_sites()
             self.run.set_status(phase="training", round=rnd,
                                 sites={s.info.site: "active" for s in self.sites.values()})
-            evaluate_first = rnd > 1 and (rnd - 1) % cfg.eval_every == 0
+            evaluate_first = (rnd - 1) % cfg.eval_every == 0  # round 1: the untrained model
             pooled = self.train_round(rnd, evaluate_first)
             if pooled["status"] != "ok":
                 if cfg.on_too_few_sites == "fail":

@@ -39,8 +39,14 @@ randomness; here parameters come from the loader's per-batch generator, so a bat
 function of (seed, batch index) and training resumes exactly. MONAI building blocks are used
 where they are batched (``AffineTransform``, ``gaussian_1d``).
 
-Deviations from nnU-Net: data is warped with trilinear instead of cubic interpolation; the
-larger patch is rounded up to keep (large - patch) even so the centre crop is exact.
+Finally, as nnU-Net's ``MaskImageTransform``, channels normalised with ``use_mask_for_norm``
+are set to 0 where the label is -1 (outside the body).
+
+Deviations from nnU-Net (all small): the larger patch is rounded up to keep (large - patch) even
+so the centre crop is exact; the blur kernel is truncated at 4 sigma (MONAI's ``gaussian_1d``)
+instead of ~6; labels outside the warped patch are -1 by the argmax over zero one-hot scores
+rather than by padding the label map with -1 before interpolating (differs only within half a
+voxel of the patch border, where label -1 becomes background anyway).
 """
 
 from __future__ import annotations
@@ -185,7 +191,8 @@ def sample_spatial(
         if setup.dummy_2d:  # in-plane only: rotation about axis 0
             m = _rot_x(rng.uniform(-r, r))
         else:
-            m = _rot_x(rng.uniform(-r, r)) @ _rot_y(rng.uniform(-r, r)) @ _rot_z(rng.uniform(-r, r))
+            ax, ay, az = rng.uniform(-r, r, size=3)
+            m = _rot_z(az) @ _rot_y(ay) @ _rot_x(ax)  # batchgeneratorsv2's Rz Ry Rx S
     if do_scale:
         s = rng.uniform(*cfg.scaling)
         m = m @ np.diag([1.0 if setup.dummy_2d else s, s, s])
@@ -236,6 +243,43 @@ def sample_params(
 # application, on the device
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a sync: small CPU tensors are pinned first on CUDA (a blocking
+    copy from pageable memory would wait for all queued GPU work every batch)."""
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def normalized_theta(
+    matrices: np.ndarray | torch.Tensor, src_size: Sequence[int], dst_size: Sequence[int]
+) -> torch.Tensor:
+    """(B, 4, 4) matrices for ``affine_grid(align_corners=True)`` (x, y, z = W, H, D order)
+    from voxel-space ``matrices`` (B, 3, 3, array axis order) that rotate/scale about the
+    centres of a ``src_size`` input and a ``dst_size`` output. Computed on the CPU in float64:
+    building it on the GPU would mean blocking host->device copies (a sync per batch)."""
+    m = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
+    src = np.asarray(src_size, dtype=np.float64)
+    dst = np.asarray(dst_size, dtype=np.float64)
+    a = np.zeros((len(m), 4, 4))
+    a[:, :3, :3] = m
+    a[:, :3, 3] = (src - 1) / 2 - m @ ((dst - 1) / 2)  # voxel index out -> voxel index in
+    a[:, 3, 3] = 1
+
+    def to_norm(size: np.ndarray) -> np.ndarray:  # voxel index -> [-1, 1] (align_corners)
+        t = np.eye(4)
+        t[:3, :3] = np.diag(2 / np.maximum(size - 1, 1))
+        t[:3, 3] = -1
+        return t
+
+    t = to_norm(src) @ a @ np.linalg.inv(to_norm(dst))
+    rev = [2, 1, 0, 3]  # array axes (D, H, W) -> grid axes (x=W, y=H, z=D)
+    t = t[:, rev][:, :, rev]
+    return torch.from_numpy(t.astype(np.float32))
+
+
 def warp(
     image: torch.Tensor,
     seg: torch.Tensor,
@@ -245,26 +289,21 @@ def warp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate/scale a batch of large patches about their centres, output ``patch_size``.
 
-    ``matrices`` (B, 3, 3) map an output voxel's offset from the output centre to the input
-    offset from the input centre. ``seg`` values are -1..num_labels-1; out-of-patch voxels get
-    -1 (nnU-Net: ``border_cval_seg=-1``).
+    ``matrices`` (B, 3, 3, on the CPU) map an output voxel's offset from the output centre to
+    the input offset from the input centre. ``seg`` values are -1..num_labels-1; out-of-patch
+    voxels get -1 (nnU-Net: ``border_cval_seg=-1``).
     """
-    b = image.shape[0]
-    src = torch.tensor(image.shape[2:], dtype=torch.float32, device=image.device)
-    dst = torch.tensor(list(patch_size), dtype=torch.float32, device=image.device)
-    m = matrices.to(device=image.device, dtype=torch.float32)
-    theta = torch.zeros(b, 4, 4, device=image.device)
-    theta[:, :3, :3] = m
-    theta[:, :3, 3] = (src - 1) / 2 - m @ ((dst - 1) / 2)
-    theta[:, 3, 3] = 1
+    theta = normalized_theta(matrices, image.shape[2:], patch_size)
+    theta = to_device(theta, image.device)
+    # normalized=True: MONAI's layer is then affine_grid + grid_sample, batched, no host syncs
     tf = AffineTransform(
-        spatial_size=tuple(patch_size), normalized=False, mode="bilinear", padding_mode="zeros",
-        align_corners=True, reverse_indexing=True, zero_centered=False,
+        spatial_size=tuple(patch_size), normalized=True, mode="bilinear", padding_mode="zeros",
+        align_corners=True, reverse_indexing=False,
     )
     img = tf(image.float(), theta)
     # labels: channel 0 is "-1", so the argmax of an all-zero (outside) voxel is -1
-    dt = torch.float16 if image.is_cuda else torch.float32
-    onehot = torch.stack([seg[:, 0] == v for v in range(-1, num_labels)], 1).to(dt)
+    # float32: the sampling grid is float32 and grid_sample needs matching dtypes
+    onehot = torch.stack([seg[:, 0] == v for v in range(-1, num_labels)], 1).float()
     lab = tf(onehot, theta).argmax(1, keepdim=True) - 1
     return img, lab.to(seg.dtype)
 
@@ -279,7 +318,8 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     if not idx:
         return x
     flat = x.reshape(b * c, *x.shape[2:])
-    sel = flat[idx][None]  # (1, K, D, H, W): a grouped conv, one group per (sample, channel)
+    ii = to_device(torch.tensor(idx), x.device)
+    sel = flat.index_select(0, ii)[None]  # (1, K, D, H, W): grouped conv, a group per (b, c)
     sig = sigma.reshape(b * c, 3)[idx]
     for ax in range(3):
         ks = []
@@ -296,12 +336,9 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
         mode = "reflect" if sel.shape[2 + ax] > r else "replicate"
-        sel = F.conv3d(
-            F.pad(sel, pad, mode=mode), weight.view(shape).to(sel), groups=len(ks)
-        )
-    flat = flat.clone()
-    flat[idx] = sel[0]
-    return flat.view_as(x)
+        w = to_device(weight.view(shape), sel.device).to(sel.dtype)
+        sel = F.conv3d(F.pad(sel, pad, mode=mode), w, groups=len(ks))
+    return flat.index_copy(0, ii, sel[0]).view_as(x)
 
 
 def _lowres(x: torch.Tensor, zoom: torch.Tensor, dummy_2d: bool) -> torch.Tensor:
@@ -351,14 +388,15 @@ def apply_intensity_and_mirror(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise, blur, brightness, contrast, low resolution, gamma (inverted, then plain), mirror."""
     dev = image.device
-    p = {k: v.to(dev, non_blocking=True) for k, v in params.items()}
+    p = {k: to_device(v, dev) for k, v in params.items()}
     x = image
     # Gaussian noise (one std for all channels of a sample)
     noise_idx = (params["noise"] > 0).nonzero().flatten().tolist()
     if noise_idx:
         x = x.clone()
-        n = torch.randn((len(noise_idx), *x.shape[1:]), generator=generator, device=dev)
-        x[noise_idx] += n * _bc(p["noise"][noise_idx], n)
+        for b in noise_idx:  # int indexing: no index tensor to copy, no sync
+            n = torch.randn(x.shape[1:], generator=generator, device=dev)
+            x[b] += n * float(params["noise"][b])
     x = _blur(x, params["blur"])
     # multiplicative brightness
     x = x * _bc(p["brightness"], x)
@@ -389,22 +427,29 @@ def apply_intensity_and_mirror(
 class DeviceAugmenter:
     """Turns a loader batch (see ``fedseg.training.sampling``) into (image, seg) on ``device``."""
 
-    def __init__(self, setup: SpatialSetup, num_labels: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        setup: SpatialSetup,
+        num_labels: int,
+        device: torch.device,
+        mask_channels: Sequence[int] = (),
+    ) -> None:
         self.setup = setup
         self.num_labels = num_labels
         self.device = device
+        self.mask_channels = list(mask_channels)  # channels normalised with use_mask_for_norm
 
     @torch.no_grad()
     def __call__(
         self, batch: dict[str, torch.Tensor], augment: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
-        image = batch["image"].to(dev, non_blocking=True)
-        seg = batch["seg"].to(dev, non_blocking=True)
+        image = to_device(batch["image"], dev)
+        seg = to_device(batch["seg"], dev)
         if batch["image_big"].shape[0] > 0:
             big_img, big_seg = warp(
-                batch["image_big"].to(dev, non_blocking=True),
-                batch["seg_big"].to(dev, non_blocking=True),
+                to_device(batch["image_big"], dev),
+                to_device(batch["seg_big"], dev),
                 batch["matrices"],
                 self.setup.patch_size,
                 self.num_labels,
@@ -422,4 +467,9 @@ class DeviceAugmenter:
             image, seg = apply_intensity_and_mirror(
                 image, seg, params, self.setup.dummy_2d, gen
             )
+        if self.mask_channels:  # nnU-Net's MaskImageTransform: 0 outside the body
+            image = image.clone()
+            outside = seg < 0
+            for c in self.mask_channels:
+                image[:, c : c + 1] = image[:, c : c + 1].masked_fill(outside, 0.0)
         return image.contiguous(), seg.contiguous()

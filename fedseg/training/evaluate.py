@@ -115,11 +115,11 @@ def summarize(per_case: list[dict], keys: list[str]) -> tuple[dict, dict]:
     return mean, fg
 
 
-def _json_safe(obj):
+def json_safe(obj):
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float | np.floating):
         return None if math.isnan(obj) or math.isinf(obj) else float(obj)
     if isinstance(obj, np.integer):
@@ -217,6 +217,6 @@ def evaluate_folders(
     out = Path(json_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(json_safe(result), indent=2, sort_keys=True) + "\n")
     tmp.replace(out)
     return result

@@ -71,16 +71,32 @@ def get_bbox(
     return [int(rng.integers(lbs[d], ubs[d] + 1)) for d in range(nd)]
 
 
-def crop_padded(arr: np.ndarray, lower: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """``arr[:, lower:lower+size]`` (spatial axes), ``fill`` where the box leaves ``arr``."""
-    out = np.full((arr.shape[0], *size), fill, dtype=arr.dtype)
+def crop_padded(
+    arr: np.ndarray,
+    lower: Sequence[int],
+    size: Sequence[int],
+    fill: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``arr[:, lower:lower+size]`` (spatial axes), ``fill`` where the box leaves ``arr``.
+
+    Written into ``out`` when given (any dtype: the copy converts), so a batch is assembled in
+    place without an extra stacking copy.
+    """
+    if out is None:
+        out = np.empty((arr.shape[0], *size), dtype=arr.dtype)
     src, dst = [slice(None)], [slice(None)]
+    inside = True
     for lo, sz, n in zip(lower, size, arr.shape[1:], strict=True):
         a, b = max(lo, 0), min(lo + sz, n)
         if b <= a:
+            out.fill(fill)
             return out
+        inside = inside and a == lo and b == lo + sz
         src.append(slice(a, b))
         dst.append(slice(a - lo, b - lo))
+    if not inside:
+        out.fill(fill)
     out[tuple(dst)] = arr[tuple(src)]
     return out
 
@@ -96,6 +112,7 @@ class PatchSampler:
         oversample_foreground: float = 0.33,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        case_ids: Sequence[str] | None = None,
     ) -> None:
         self.dataset = PreprocessedDataset(folder)
         if len(self.dataset) == 0:
@@ -104,7 +121,16 @@ class PatchSampler:
             )
         if batch_size < 1:
             raise FedsegError(f"batch size must be at least 1, got {batch_size}")
-        self.case_ids = list(self.dataset.case_ids)
+        if case_ids is None:
+            self.case_ids = list(self.dataset.case_ids)
+        else:  # a training split
+            self.case_ids = sorted(case_ids)
+            missing = [c for c in self.case_ids if c not in self.dataset]
+            if missing or not self.case_ids:
+                raise FedsegError(
+                    f"{self.dataset.folder}: training case(s) not preprocessed: "
+                    f"{', '.join(missing[:5]) or '(none given)'}; preprocess the site's data again"
+                )
         self.num_channels = int(self._open(self.case_ids[0])[0].shape[0])
         self.setup = setup
         self.batch_size = batch_size
@@ -134,34 +160,41 @@ class PatchSampler:
         ("image_big", "seg_big", "matrices"), plus augmentation parameters in that order."""
         rng = np.random.default_rng([self.seed, int(index)])
         ps, big = self.setup.patch_size, self.setup.initial_patch_size
+        offset = [(b - p) // 2 for b, p in zip(big, ps, strict=True)]
         need = [b - p for b, p in zip(big, ps, strict=True)]
-        offset = [n // 2 for n in need]
-        small_i, small_s, big_i, big_s, mats = [], [], [], [], []
+        small: list[tuple[str, list[int]]] = []
+        large: list[tuple[str, list[int]]] = []
+        mats = []
         for j in range(self.batch_size):
             cid = self.case_ids[int(rng.integers(len(self.case_ids)))]
-            data, seg = self._open(cid)
+            shape = self._open(cid)[0].shape[1:]
             force_fg = j >= self.batch_size - self.n_fg
             locs = self._class_locations(cid) if force_fg else None
-            lower = get_bbox(data.shape[1:], big, need, rng, locs)
+            lower = get_bbox(shape, big, need, rng, locs)
             m = sample_spatial(rng, self.setup, self.augment) if self.augment else None
-            if m is None:
-                lo = [lo + o for lo, o in zip(lower, offset, strict=True)]
-                small_i.append(crop_padded(data, lo, ps, 0.0).astype(np.float32, copy=False))
-                small_s.append(crop_padded(seg, lo, ps, -1).astype(np.int16))
+            if m is None:  # no warp: nnU-Net's centre crop of the large box, read directly
+                small.append((cid, [lo + o for lo, o in zip(lower, offset, strict=True)]))
             else:
-                big_i.append(crop_padded(data, lower, big, 0.0).astype(np.float32, copy=False))
-                big_s.append(crop_padded(seg, lower, big, -1).astype(np.int16))
+                large.append((cid, lower))
                 mats.append(m)
         c = self.num_channels
 
-        def stack(xs: list[np.ndarray], shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.stack(xs)) if xs else torch.zeros((0, *shape), dtype=dtype)
+        def fill(items: list[tuple[str, list[int]]], size: list[int]):
+            img = torch.empty((len(items), c, *size), dtype=torch.float32)
+            seg = torch.empty((len(items), 1, *size), dtype=torch.int16)
+            for k, (cid, lower) in enumerate(items):
+                data, lab = self._open(cid)
+                crop_padded(data, lower, size, 0.0, out=img[k].numpy())
+                crop_padded(lab, lower, size, -1, out=seg[k].numpy())
+            return img, seg
 
+        image, seg = fill(small, ps)
+        image_big, seg_big = fill(large, big)
         out = {
-            "image": stack(small_i, (c, *ps), torch.float32),
-            "seg": stack(small_s, (1, *ps), torch.int16),
-            "image_big": stack(big_i, (c, *big), torch.float32),
-            "seg_big": stack(big_s, (1, *big), torch.int16),
+            "image": image,
+            "seg": seg,
+            "image_big": image_big,
+            "seg_big": seg_big,
             "matrices": torch.from_numpy(np.asarray(mats, dtype=np.float32).reshape(-1, 3, 3)),
         }
         if self.augment is not None:

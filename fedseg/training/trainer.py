@@ -246,7 +246,9 @@ class LocalTrainer:
         preprocessed_dir: str | Path,
         state_dir: str | Path,
         config: TrainConfig | None = None,
+        case_ids: Sequence[str] | None = None,
     ) -> None:
+        """``case_ids``: train on these cached cases only (a split); default all of them."""
         self.plan = plan
         self.cfg = cfg = config or TrainConfig()
         self.device = resolve_device(cfg.device)
@@ -287,15 +289,20 @@ class LocalTrainer:
         aug = AugmentConfig() if cfg.augment else None
         self.setup = spatial_setup(self.patch_size, AugmentConfig(), cfg.augment)
         self.sampler = PatchSampler(
-            preprocessed_dir, self.setup, self.batch_size, cfg.oversample_foreground, aug, cfg.seed
+            preprocessed_dir, self.setup, self.batch_size, cfg.oversample_foreground, aug, cfg.seed,
+            case_ids=case_ids,
         )
-        self.augmenter = DeviceAugmenter(self.setup, plan.num_classes, self.device)
+        self.augmenter = DeviceAugmenter(
+            self.setup, plan.num_classes, self.device,
+            mask_channels=[c for c, m in enumerate(cplan.use_mask_for_norm) if m],
+        )
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else _auto_workers(
             self.device
         )
         self.iteration = 0
         self._forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = self.model
         self._compiled = False
+        self._compile_checked = False
         if cfg.compile and self.cuda:
             self._forward = torch.compile(self.model)
             self._compiled = True
@@ -365,8 +372,10 @@ class LocalTrainer:
 
     # ---- training
 
-    def _step(self, image: torch.Tensor, seg: torch.Tensor, lr: float,
-              prox: list[torch.Tensor] | None, mu: float) -> torch.Tensor:
+    def _step(
+        self, image: torch.Tensor, seg: torch.Tensor, lr: float,
+        prox: list[torch.Tensor] | None = None, mu: float = 0.0,
+    ) -> torch.Tensor:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -375,25 +384,34 @@ class LocalTrainer:
             loss = self.loss_fn(outputs, seg)
         if prox is not None:
             loss = loss + 0.5 * mu * sum(
-                (p.float() - q).pow(2).sum() for p, q in zip(self.net.parameters(), prox, strict=True)
+                (p.float() - q).pow(2).sum()
+                for p, q in zip(self.net.parameters(), prox, strict=True)
             )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         return loss.detach()
 
-    def _first_step_compiled(self, *args: Any) -> torch.Tensor:
-        """The first compiled step; falls back to eager if compilation fails."""
-        try:
-            return self._step(*args)
-        except Exception as err:  # noqa: BLE001 - inductor/dynamo errors come in many types
-            warnings.warn(
-                f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eager",
-                stacklevel=2,
-            )
-            self._forward = self.model
-            self._compiled = False
-            return self._step(*args)
+    def train_step(
+        self, image: torch.Tensor, seg: torch.Tensor, lr: float,
+        prox: list[torch.Tensor] | None = None, mu: float = 0.0,
+    ) -> torch.Tensor:
+        """One SGD step on a batch already on the device (seg: -1 handled per config).
+        Returns the loss as a device tensor (no sync). The first compiled step falls back to
+        eager, with a warning, if ``torch.compile`` fails."""
+        if self._compiled and not self._compile_checked:
+            self._compile_checked = True
+            try:
+                return self._step(image, seg, lr, prox, mu)
+            except Exception as err:  # noqa: BLE001 - dynamo/inductor raise many types
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                    "training eager",
+                    stacklevel=2,
+                )
+                self._forward = self.model
+                self._compiled = False
+        return self._step(image, seg, lr, prox, mu)
 
     def run(
         self,
@@ -403,10 +421,12 @@ class LocalTrainer:
         checkpoint_every: int | None = None,
         progress: Callable[[int, float | None], None] | None = None,
         proximal_mu: float = 0.0,
+        report_every: int | None = 10,
     ) -> TrainResult:
         """Train ``iterations`` steps; step ``j`` uses the LR of global iteration
         ``global_iteration_start + j``. Saves state every ``checkpoint_every`` steps and at the end.
-        ``progress(steps_done, loss_or_None)`` is called after every step."""
+        ``progress(steps_done, loss)`` is called after every step; ``loss`` is the mean over the
+        last ``report_every`` steps on those steps (reading it waits for the GPU), else None."""
         if iterations < 0:
             raise FedsegError(f"iterations must be >= 0, got {iterations}")
         if global_total_iterations < 1:
@@ -434,19 +454,16 @@ class LocalTrainer:
                 image, seg = self.augmenter(batch, augment=self.cfg.augment)
                 if not self.cfg.ignore_outside:
                     seg = seg.clamp_min(0)
-                args = (image, seg, lrs[j], prox, proximal_mu)
-                if j == 0 and self._compiled:
-                    loss = self._first_step_compiled(*args)
-                else:
-                    loss = self._step(*args)
+                loss = self.train_step(image, seg, lrs[j], prox, proximal_mu)
                 loss_sum += loss
                 since_report += loss
                 self.iteration += 1
                 if checkpoint_every and (j + 1) % checkpoint_every == 0 and j + 1 < iterations:
                     self.save_state()
                 if progress is not None:
-                    report = (j + 1) % 10 == 0 or j + 1 == iterations
-                    n = 10 if (j + 1) % 10 == 0 else (j + 1) % 10
+                    k = report_every or 0
+                    report = k > 0 and ((j + 1) % k == 0 or j + 1 == iterations)
+                    n = ((j + 1) % k or k) if k else 1  # steps summed in since_report
                     progress(j + 1, float(since_report) / n if report else None)
                     if report:
                         since_report.zero_()
