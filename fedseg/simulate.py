@@ -80,10 +80,15 @@ class Federation:
         cache.mkdir(parents=True, exist_ok=True)
         node_cfg = {"site": name, "data-dir": str(data_dir.resolve()),
                     "cache-dir": str(cache.resolve()), "device": self.device}
+        env = dict(self.env)
+        if self.device == "cpu" or not _cuda_available():
+            # the sites share this machine's cores: one BLAS/OpenMP pool each avoids thrashing
+            threads = max(1, (os.cpu_count() or 2) // max(1, len(self.site_dirs)))
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         proc = ManagedProcess(
             f"supernode-{name}",
             supernode_argv(f"127.0.0.1:{self.port}", free_port(), node_cfg, max_retries=None),
-            self.work / "logs" / f"site-{name}.log", self.env, cwd=self.work,
+            self.work / "logs" / f"site-{name}.log", env, cwd=self.work,
         ).start()
         self.nodes[name] = proc
         return proc
@@ -110,6 +115,12 @@ class Federation:
             p.stop(timeout=5)
         if self.superlink is not None:
             self.superlink.stop(timeout=5)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool = False) -> str:
