@@ -37,9 +37,19 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from fedseg.planning.cli_impl import plan_main
 
-    plan = plan_main([Path(d) for d in args.data], Path(args.out), args.gpu_memory_gb)
+    bar = tqdm(desc="fingerprint", unit="case", leave=False)
+
+    def progress(site: str, done: int, total: int, case_id: str) -> None:
+        bar.set_description(f"fingerprint {Path(site).name}")
+        bar.update(1)
+
+    plan = plan_main([Path(d) for d in args.data], Path(args.out), args.gpu_memory_gb,
+                     progress=progress, preset=args.preset)
+    bar.close()
     cfg = plan.config("3d_fullres")
     print(
         f"plan written to {args.out}: 3d_fullres spacing {cfg.spacing}, patch {cfg.patch_size}, "
@@ -136,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="plan JSON to write")
     s.add_argument("--gpu-memory-gb", type=float, default=8.0,
                    help="GPU memory budget of the smallest site (nnU-Net default: 8)")
+    s.add_argument("--preset", choices=["nnunet", "tiny"], default="nnunet",
+                   help="tiny: cap features/patch for CPU demos and tests (default: nnU-Net's plan)")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("train", help="train on one site's data (nnU-Net recipe)")

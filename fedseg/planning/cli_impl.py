@@ -15,6 +15,7 @@ from fedseg.errors import FedsegError
 from fedseg.planning.fingerprint import Fingerprint, compute_fingerprint
 from fedseg.planning.plan import Plan
 from fedseg.planning.planner import make_plan
+from fedseg.planning.presets import Preset, apply_preset
 
 SiteProgress = Callable[[str, int, int, str], None]
 
@@ -25,6 +26,7 @@ def plan_main(
     gpu_memory_gb: float = 8.0,
     progress: SiteProgress | None = None,
     dataset_name: str = "fedseg",
+    preset: Preset = "nnunet",
 ) -> Plan:
     """Fingerprint every site, sum, plan (nnU-Net v2 rules), save to ``out``; return the plan.
 
@@ -64,5 +66,6 @@ def plan_main(
         total = fp if total is None else total + fp
     assert total is not None
     plan = make_plan(total, ref, gpu_memory_gb=gpu_memory_gb, dataset_name=dataset_name)
+    plan = apply_preset(plan, preset)
     plan.save(out)
     return plan

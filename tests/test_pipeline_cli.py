@@ -1,0 +1,114 @@
+"""Issue #2 acceptance: the site pipeline through the real CLI, end to end, on the demo data.
+
+demo-data → check-data (each site) → plan (pooled, tiny preset for CPU) → train a few hundred
+iterations → predict the held-out cases → evaluate. The trained model must beat an untrained one
+(the same network, random weights, exported as a bundle) clearly on held-out Dice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "FLWR_TELEMETRY_ENABLED": "0",
+       "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def fedseg(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "fedseg.cli", *args], capture_output=True,
+                         text=True, timeout=timeout, env=ENV)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    res = fedseg("demo-data", str(out), "--sites", "3", "--cases", "8", "--test-cases", "3")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_demo_data_passes_check_data(demo: Path) -> None:
+    for site in ("siteA", "siteB", "siteC"):
+        res = fedseg("check-data", str(demo / site))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("OK:")
+
+
+def test_train_predict_evaluate_beats_untrained(demo: Path, tmp_path: Path) -> None:
+    import torch
+
+    from fedseg.data.dataset import read_dataset_json
+    from fedseg.models.bundle import BundleInfo, save_bundle
+    from fedseg.models.network import build_network
+    from fedseg.planning.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    res = fedseg("plan", str(demo / "siteA"), str(demo / "siteB"), str(demo / "siteC"),
+                 "--out", str(plan_path), "--preset", "tiny")
+    assert res.returncode == 0, res.stderr
+    plan = Plan.load(plan_path)
+    assert plan.num_training_cases == 24
+
+    site = demo / "siteA"
+    model = tmp_path / "model"
+    res = fedseg("train", "--data", str(site), "--plan", str(plan_path), "--iterations", "300",
+                 "--out", str(model), "--cache", str(tmp_path / "cache"), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    for name in ("plan.json", "dataset.json", "model.pt", "bundle.json", "checkpoint.pt"):
+        assert (model / name).is_file(), name
+
+    torch.manual_seed(123)
+    untrained = tmp_path / "untrained"
+    save_bundle(untrained, plan, read_dataset_json(site), build_network(plan).state_dict(),
+                BundleInfo(note="random init"))
+
+    scores = {}
+    for name, bundle in (("trained", model), ("untrained", untrained)):
+        pred = tmp_path / f"pred_{name}"
+        res = fedseg("predict", "--model", str(bundle), "-i", str(site / "imagesTs"),
+                     "-o", str(pred), "--device", "cpu")
+        assert res.returncode == 0, res.stderr
+        assert len(list(pred.glob("*.nii.gz"))) == 3
+        out_json = tmp_path / f"eval_{name}.json"
+        res = fedseg("evaluate", "--pred", str(pred), "--labels", str(site / "labelsTs"),
+                     "--json", str(out_json))
+        assert res.returncode == 0, res.stderr
+        res = json.loads(out_json.read_text())
+        scores[name] = res["foreground_mean"]["Dice"]
+        scores[f"{name}_organ"] = res["mean"]["1"]["Dice"]
+    # 300 CPU iterations of nnU-Net's recipe learn the organ well; the small lesion needs more
+    # (see BENCHMARKS.md), so the bar is on the organ and on the gap to the untrained model.
+    assert scores["trained_organ"] > 0.7, scores
+    assert scores["trained"] > scores["untrained"] + 0.3, scores
+
+
+def test_train_resumes_from_checkpoint(demo: Path, tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.json"
+    assert fedseg("plan", str(demo / "siteB"), "--out", str(plan_path),
+                  "--preset", "tiny").returncode == 0
+    model = tmp_path / "model"
+    common = ["--data", str(demo / "siteB"), "--plan", str(plan_path), "--out", str(model),
+              "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    assert fedseg("train", *common, "--iterations", "6").returncode == 0
+    first = json.loads((model / "bundle.json").read_text())["trained_iterations"]
+    assert first == 6
+    assert fedseg("train", *common, "--iterations", "10").returncode == 0
+    assert json.loads((model / "bundle.json").read_text())["trained_iterations"] == 10
+
+
+def test_user_errors_are_one_line(tmp_path: Path) -> None:
+    res = fedseg("plan", str(tmp_path / "nope"), "--out", str(tmp_path / "p.json"))
+    assert res.returncode != 0
+    assert len(res.stderr.strip().splitlines()) == 1 and "nope" in res.stderr
+    res = fedseg("predict", "--model", str(tmp_path), "-i", str(tmp_path), "-o", str(tmp_path / "o"))
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
+    res = fedseg("train", "--data", str(tmp_path), "--plan", str(tmp_path / "missing.json"),
+                 "--iterations", "5", "--out", str(tmp_path / "m"))
+    assert res.returncode != 0 and "missing.json" in res.stderr
