@@ -231,3 +231,30 @@ def test_dataset_cache_hit_atomic_and_keyed_by_plan(tmp_path):
     folder2 = preprocess_dataset(data_dir, other, tmp_path / "cache")
     assert folder2 != folder and folder2.parent.name == other.hash()
     assert PreprocessedDataset(folder2).load("case000")[0].shape != data.shape
+
+
+def test_other_normalization_schemes() -> None:
+    """The planner can name nnU-Net's non-default schemes; preprocessing must honour them."""
+    from fedseg.training.preprocess import normalize
+
+    plan = _rescale_plan()
+    data = np.stack([np.linspace(-5, 15, 64, dtype=np.float32).reshape(4, 4, 4)] * 3)
+    data[2] = np.abs(data[2]) * 10  # 8-bit-like values
+    seg = np.zeros((1, 4, 4, 4), dtype=np.int16)
+    out = normalize(data.copy(), seg, plan, "3d_fullres")
+    np.testing.assert_array_equal(out[0], data[0])  # NoNormalization
+    assert out[1].min() == 0.0 and out[1].max() == pytest.approx(1.0)  # RescaleTo01
+    np.testing.assert_allclose(out[2], data[2] / 255)  # RGBTo01
+    bad = data.copy()
+    bad[2] += 1000
+    with pytest.raises(FedsegError, match="RGBTo01Normalization"):
+        normalize(bad, seg, plan, "3d_fullres")
+
+
+def _rescale_plan() -> Plan:
+    plan = make_plan([1.0, 1.0, 1.0])
+    cfg = plan.configurations["3d_fullres"]
+    cfg.normalization_schemes = ["NoNormalization", "RescaleTo01Normalization", "RGBTo01Normalization"]
+    cfg.use_mask_for_norm = [False, False, False]
+    plan.channel_names = {"0": "noNorm", "1": "rescale_to_0_1", "2": "rgb_to_0_1"}
+    return plan

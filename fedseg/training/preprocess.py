@@ -150,7 +150,8 @@ def crop_to_nonzero(
 
 
 def normalize(data: np.ndarray, seg: np.ndarray, plan: Plan, config: str) -> np.ndarray:
-    """Per-channel normalisation in place (nnU-Net's CTNormalization / ZScoreNormalization)."""
+    """Per-channel normalisation in place, nnU-Net's schemes: CT, z-score, none, rescale-to-[0,1]
+    and RGB-to-[0,1] (the plan names the scheme from the channel name, as nnU-Net does)."""
     cfg = plan.config(config)
     for c in range(data.shape[0]):
         scheme = cfg.normalization_schemes[c]
@@ -166,6 +167,19 @@ def normalize(data: np.ndarray, seg: np.ndarray, plan: Plan, config: str) -> np.
             np.clip(img, props.percentile_00_5, props.percentile_99_5, out=img)
             img -= props.mean
             img /= max(props.std, 1e-8)
+        elif scheme == "NoNormalization":
+            continue
+        elif scheme == "RescaleTo01Normalization":  # nnU-Net: min-max of the image to [0, 1]
+            lo, hi = float(img.min()), float(img.max())
+            img -= lo
+            img /= max(hi - lo, 1e-8)
+        elif scheme == "RGBTo01Normalization":  # nnU-Net: 8-bit values to [0, 1]
+            if img.min() < 0 or img.max() > 255:
+                raise FedsegError(
+                    f"channel {c} ('{plan.channel_names.get(str(c))}') uses RGBTo01Normalization "
+                    "but has values outside 0..255; rename the channel or fix the data"
+                )
+            img /= 255.0
         elif cfg.use_mask_for_norm[c]:
             mask = seg[0] >= 0
             vals = img[mask]
