@@ -10,11 +10,13 @@ synthetic multi-site demo data is generated first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedseg.errors import FedsegError
@@ -24,6 +26,7 @@ from fedseg.runtime.processes import (
     flower_env,
     flwr_cli,
     free_port,
+    stop_all,
     superlink_argv,
     supernode_argv,
     wait_for_port,
@@ -74,8 +77,16 @@ class Federation:
         wait_for_port("127.0.0.1", self.port, 60, self.superlink)
         write_flwr_connection(self.flwr_home, "fedseg", f"127.0.0.1:{self.port}")
 
-    def start_site(self, data_dir: Path, name: str | None = None) -> ManagedProcess:
+    def start_site(
+        self, data_dir: Path, name: str | None = None, env_extra: dict[str, str] | None = None,
+    ) -> ManagedProcess:
+        """Start (or restart: a restarted SuperNode gets a new node id) one site's SuperNode.
+        ``env_extra`` reaches the site's ClientApp processes (tests use it for
+        ``FEDSEG_FAULT_INJECT``, see :mod:`fedseg.client.app`)."""
         name = name or data_dir.name
+        old = self.nodes.get(name)
+        if old is not None:
+            old.stop(timeout=5)
         cache = self.work / "sites" / name
         cache.mkdir(parents=True, exist_ok=True)
         node_cfg = {"site": name, "data-dir": str(data_dir.resolve()),
@@ -85,6 +96,7 @@ class Federation:
             # the sites share this machine's cores: one BLAS/OpenMP pool each avoids thrashing
             threads = max(1, (os.cpu_count() or 2) // max(1, len(self.site_dirs)))
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.update(env_extra or {})
         proc = ManagedProcess(
             f"supernode-{name}",
             supernode_argv(f"127.0.0.1:{self.port}", free_port(), node_cfg, max_retries=None),
@@ -110,11 +122,28 @@ class Federation:
         runs = res.get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
+    def kill_site(self, name: str) -> None:
+        """SIGKILL a site's SuperNode and its ClientApp (a crashed hospital machine)."""
+        self.nodes[name].kill()
+
     def stop(self) -> None:
-        for p in self.nodes.values():
-            p.stop(timeout=5)
-        if self.superlink is not None:
-            self.superlink.stop(timeout=5)
+        """Stop every process started here, all at once; a second Ctrl-C cannot cut it short."""
+        procs = [*self.nodes.values(), *([self.superlink] if self.superlink else [])]
+        with _signals_ignored():
+            stop_all(procs, timeout=5)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _cuda_available() -> bool:
@@ -189,15 +218,20 @@ def simulate(
         **(extra or {}),
     )
     run = RunDir(job.run_dir)
-    with Federation(out, site_dirs, device=device) as fed:
-        _install_signal_handlers(fed)
-        fed.start_superlink()
-        for d in site_dirs:
-            fed.start_site(d)
-        print(f"federation: SuperLink 127.0.0.1:{fed.port}, {len(site_dirs)} sites "
-              f"({', '.join(d.name for d in site_dirs)}); run folder {job.run_dir}", flush=True)
-        run_id = fed.submit(job)
-        status = follow(fed, run_id, run, timeout)
+    try:
+        with Federation(out, site_dirs, device=device) as fed:
+            interrupt_on_sigterm()
+            fed.start_superlink()
+            for d in site_dirs:
+                fed.start_site(d)
+            print(f"federation: SuperLink 127.0.0.1:{fed.port}, {len(site_dirs)} sites "
+                  f"({', '.join(d.name for d in site_dirs)}); run folder {job.run_dir}", flush=True)
+            run_id = fed.submit(job)
+            status = follow(fed, run_id, run, timeout)
+    except KeyboardInterrupt:
+        # the with-block has stopped every process by now
+        run.set_status(state="stopped")
+        raise FedsegError("interrupted; all federation processes stopped", exit_code=130) from None
     st = run.status()
     if status != "finished:completed" or st.get("state") != "finished":
         raise FedsegError(
@@ -210,11 +244,12 @@ def simulate(
     return summary
 
 
-def _install_signal_handlers(fed: Federation) -> None:
-    def handler(signum: int, frame: object) -> None:
-        fed.stop()
-        sys.exit(128 + signum)
+def interrupt_on_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so the same cleanup runs for both."""
 
-    if os.getpid() == os.getpgrp() or True:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

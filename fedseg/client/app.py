@@ -6,11 +6,18 @@ restart, so every handler rebuilds what it needs from the site's disk: the datas
 aggregate quantities leave the site: the fingerprint's histograms/sums, the weight delta, case
 counts and evaluation metrics. Errors the site can fix (bad data) come back as an ``ErrorReply``
 with one clear line instead of a remote traceback.
+
+Test-only fault injection (OFF unless set): the environment variable ``FEDSEG_FAULT_INJECT`` of
+the site's SuperNode (inherited by its ClientApp processes) makes the train handler misbehave on
+purpose, so that the server's defences can be tested end to end with real processes:
+``nan-update`` (every round) or ``nan-update@R`` (round R only) replaces the first tensor of the
+update with NaN, which the server must reject. Nothing sets it outside tests.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -198,11 +205,31 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         proximal_mu=req.proximal_mu,
     )
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
+    delta = _fault_injected(delta, req.round)  # test hook, off by default (module docstring)
     reply = pm.TrainReply(
         site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
         seconds=res.seconds, iterations_per_s=res.iterations_per_s, evaluation=evaluation,
     )
     return Message(pack(reply, delta), reply_to=msg)
+
+
+# ---- test-only fault injection (FEDSEG_FAULT_INJECT; see the module docstring) -------------
+FAULT_ENV = "FEDSEG_FAULT_INJECT"
+
+
+def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndarray]:
+    fault = os.environ.get(FAULT_ENV, "").strip()
+    if not fault:
+        return delta
+    kind, _, only_round = fault.partition("@")
+    if kind != "nan-update" or (only_round and not only_round.isdigit()):
+        raise FedsegError(f"{FAULT_ENV}={fault!r}: unknown fault; known: nan-update[@ROUND]")
+    if only_round and int(only_round) != rnd:
+        return delta
+    first = next(iter(delta))
+    print(f"[fedseg-client] {FAULT_ENV}: sending a NaN update in round {rnd}", flush=True)
+    return {**delta, first: np.full_like(delta[first], np.nan)}
+# ---- end of fault injection ------------------------------------------------------------------
 
 
 @app.evaluate()

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedseg.config_io import load_toml
 from fedseg.errors import FedsegError
@@ -26,8 +26,8 @@ class ClientConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    site: str = Field(description="site name, as in the consortium roster")
-    data_dir: str = Field(description="nnU-Net raw dataset folder")
+    site: str = Field(default="", description="site name, as in the consortium roster (required)")
+    data_dir: str = Field(default="", description="nnU-Net raw dataset folder (required)")
     server: str = Field(default="127.0.0.1:9092", description="SuperLink address host:port")
     cache_dir: str = Field(default="", description="preprocessed data + trainer state")
     device: str = "auto"
@@ -40,10 +40,25 @@ class ClientConfig(BaseModel):
     max_restarts: int = Field(default=-1, description="-1: forever")
 
 
+PATH_FIELDS = ("data_dir", "cache_dir", "root_certificates", "auth_private_key")
+
+
+def load_client_config(path: str | Path) -> ClientConfig:
+    """Read ``client.toml``; relative paths in it are relative to the file's folder."""
+    p = Path(path)
+    cfg = load_toml(p, ClientConfig)
+    base = p.resolve().parent
+    for key in PATH_FIELDS:
+        val = getattr(cfg, key)
+        if val:
+            setattr(cfg, key, str((base / Path(val).expanduser()).resolve()))
+    return cfg
+
+
 def _config_from_args(args: argparse.Namespace) -> ClientConfig:
     base: dict = {}
     if args.config:
-        base = load_toml(args.config, ClientConfig).model_dump()
+        base = load_client_config(args.config).model_dump()
     for key in ("site", "data_dir", "server", "cache_dir", "device", "gpu_memory_gb",
                 "root_certificates", "auth_private_key"):
         val = getattr(args, key, None)
@@ -53,9 +68,14 @@ def _config_from_args(args: argparse.Namespace) -> ClientConfig:
         base["insecure"] = True
     missing = [k for k in ("site", "data_dir") if not base.get(k)]
     if missing:
-        raise FedsegError(f"fedseg-client: give --{missing[0].replace('_', '-')} "
+        raise FedsegError(f"give --{missing[0].replace('_', '-')} "
                           "(or set it in --config client.toml)")
-    return ClientConfig.model_validate(base)
+    try:
+        return ClientConfig.model_validate(base)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(root)"
+        raise FedsegError(f"--{field.replace('_', '-')}: {first['msg']}") from None
 
 
 def check_site_data(data_dir: Path) -> None:
@@ -75,7 +95,7 @@ def run_client(cfg: ClientConfig) -> int:
     data = Path(cfg.data_dir).resolve()
     check_site_data(data)
     if not cfg.insecure and not cfg.root_certificates:
-        raise FedsegError("fedseg-client: TLS is on by default; give --root-certificates CA.pem "
+        raise FedsegError("TLS is on by default; give --root-certificates CA.pem "
                           "(or --insecure for a loopback trial)")
     cache = Path(cfg.cache_dir or (data.parent / f".fedseg_cache_{cfg.site}")).resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -118,6 +138,7 @@ def run_client(cfg: ClientConfig) -> int:
             while time.monotonic() < deadline and not stopping:
                 time.sleep(0.2)
             if not stopping:
+                proc.stop(timeout=2)  # what is left of the old SuperNode's process group
                 proc.start()
     finally:
         proc.stop(timeout=5)

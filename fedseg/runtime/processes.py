@@ -120,27 +120,108 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the whole group, then SIGKILL what is left after ``timeout``."""
-        if self.proc is None:
-            return
-        self.signal_group(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        self.signal_group(signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_all([self], timeout)
 
     def kill(self) -> None:
         """SIGKILL the group at once (used by fault tests and on a second Ctrl-C)."""
+        detached = descendants(self.pid) if self.pid else set()
         self.signal_group(signal.SIGKILL)
+        _signal_pids(detached, signal.SIGKILL)
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _parent_map() -> dict[int, int]:
+    """pid -> parent pid of every process we can see (Linux /proc; empty elsewhere)."""
+    out: dict[int, int] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ..." — comm may hold spaces and parentheses
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1:
+            out[int(d.name)] = int(fields[1])
+    return out
+
+
+def descendants(pid: int | None) -> set[int]:
+    """All live descendants of ``pid``. Needed because Flower starts its ``flower-superexec``
+    in a NEW session (``start_new_session``), out of reach of a signal to our child's group."""
+    if not pid:
+        return set()
+    parents = _parent_map()
+    children: dict[int, list[int]] = {}
+    for c, par in parents.items():
+        children.setdefault(par, []).append(c)
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _signal_pids(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0); treat it as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_all(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
+    """Stop several supervised processes at once (in parallel, not one timeout after another):
+    SIGTERM every group and every detached descendant, wait up to ``timeout`` for all of them,
+    then SIGKILL whatever is left."""
+    procs = [p for p in procs if p.proc is not None]
+    detached: set[int] = set()
+    for p in procs:
+        detached |= descendants(p.pid)
+    for p in procs:
+        p.signal_group(signal.SIGTERM)
+    _signal_pids(detached, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.poll()  # reap
+        if all(p.poll() is not None for p in procs) and not any(pid_alive(d) for d in detached):
+            break
+        time.sleep(0.1)
+    for p in procs:
+        p.signal_group(signal.SIGKILL)  # also catches group members whose leader has exited
+    _signal_pids({d for d in detached if pid_alive(d)}, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.proc.wait(timeout=5)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def superlink_argv(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 State = dict[str, np.ndarray]
 
@@ -62,6 +62,8 @@ def weighted_mean(deltas: list[State], weights: list[float]) -> State:
 
 
 class ServerOptimizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
     lr: float = 1.0
     beta1: float = 0.9

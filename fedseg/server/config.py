@@ -29,8 +29,18 @@ class JobConfig(BaseModel):
     aggregation: ServerOptimizerConfig = ServerOptimizerConfig()
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx mu (0: off)")
     max_update_norm: float | None = Field(default=None, gt=0)
-    round_timeout_s: float = Field(default=3600.0, gt=0)
-    on_too_few_sites: Literal["skip", "retry", "fail"] = "retry"
+    round_timeout_s: float = Field(
+        default=3600.0, gt=0,
+        description="longest wait for a round's replies; a dead site is reported by Flower "
+        "within about a minute anyway, this bounds a site that hangs")
+    site_wait_s: float = Field(
+        default=300.0, ge=0,
+        description="before a round with fewer than min_sites connected: wait this long for "
+        "sites to (re)join")
+    on_too_few_sites: Literal["skip", "retry", "fail"] = Field(
+        default="retry",
+        description="a round with fewer than min_sites good updates: retry it (up to "
+        "max_retries, then skip), skip it (global model unchanged) or fail the job")
     max_retries: int = Field(default=2, ge=0)
     gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
     plan_preset: Literal["nnunet", "tiny"] = "nnunet"

@@ -11,6 +11,15 @@ checkpoint (Flower has no resume). Flower's ``Grid`` still does all the messagin
 Round trips dominate wall time in Flower 1.42 (~6 s each, even empty), so evaluation of the
 global model is folded into the next round's training message (the site evaluates the weights
 it receives before training on them); only the final evaluation is a message of its own.
+
+Faults. Before every round the membership is refreshed: vanished nodes are forgotten, new ones
+(a site restarted: a new node id) are enrolled and prepared, and replace the old entry of the
+same site name. A site that dies mid-round is reported by Flower as a NODE_UNAVAILABLE error
+reply within about a minute (two missed heartbeats); ``round_timeout_s`` bounds a site that
+hangs. Such sites are logged ``dropped``, updates that fail :func:`check_update` (NaN, shape,
+norm) ``rejected``, each with the reason; the round counts when at least ``min_sites`` good
+updates arrived, else ``on_too_few_sites`` decides (wait ``site_wait_s`` for sites and retry,
+skip, or fail). A crashed server resumes from the last checkpoint (``run_job`` with ``resume``).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedseg.data.dataset_json import DatasetJson
@@ -42,6 +52,8 @@ from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
 
 Log = Callable[[str], None]
+
+_FLOWER_ERRORS = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
 
 
 @dataclass
@@ -65,6 +77,8 @@ class FederatedJob:
         self.log = log
         self.run = RunDir(cfg.run_dir)
         self.sites: dict[int, Site] = {}
+        self.refused: set[int] = set()  # node ids not asked again (a fixed site gets a new id)
+        self._restored_plan_hash = ""
         self.plan: Plan | None = None
         self.state = JobState()
         self.opt = ServerOptimizer(cfg.aggregation)
@@ -76,13 +90,23 @@ class FederatedJob:
     ) -> dict[int, Message]:
         msgs = []
         sent_bytes: dict[int, int] = {}
+        node_ids = list(node_ids)
         for nid in node_ids:
             content = content_for(nid)
             sent_bytes[nid] = payload_bytes(content)
-            msgs.append(Message(content=content, dst_node_id=nid, message_type=mtype))
+            # TTL a little past the timeout: an instruction nobody picked up in time expires at
+            # the SuperLink instead of being run by a site that reconnects hours later
+            msgs.append(Message(content=content, dst_node_id=nid, message_type=mtype,
+                                ttl=timeout + 60.0))
         self._sent_bytes = sent_bytes
         replies = self.grid.send_and_receive(msgs, timeout=timeout)
-        return {r.metadata.src_node_id: r for r in replies}
+        # Match replies to nodes by the instruction they answer: the error reply the SuperLink
+        # makes for a dead node (NODE_UNAVAILABLE) comes FROM the SuperLink, not from the node.
+        by_msg = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
+        out: dict[int, Message] = {}
+        for r in replies:
+            out[by_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)] = r
+        return out
 
     def _name(self, nid: int) -> str:
         s = self.sites.get(nid)
@@ -92,7 +116,8 @@ class FederatedJob:
         if reply is None:
             return "no reply before the timeout"
         if reply.has_error():
-            return f"error {reply.error.code}: {reply.error.reason}"
+            code = _FLOWER_ERRORS.get(reply.error.code, str(reply.error.code))
+            return f"Flower error {code}: {reply.error.reason}"
         if "error" in reply.content.config_records:
             err, _ = unpack_error(reply)
             return f"{err.kind} error at the site: {err.message}"
@@ -114,9 +139,15 @@ class FederatedJob:
             time.sleep(1.0)
 
     def enrol(self, node_ids: list[int]) -> list[int]:
-        """Ask nodes who they are; drop the ones that fail; check consistency."""
+        """Ask nodes who they are; refuse the ones that fail or do not fit; returns the new ones.
+
+        Before the plan exists every site must agree on channels/labels (else the job fails: no
+        majority rule). Once a plan exists (later rounds, resume), a site that does not match it
+        is refused alone. A node with the name of an enrolled site replaces it: a restarted
+        SuperNode registers with a new node id while the old id can look online for up to a
+        minute (Flower's heartbeat)."""
         replies = self._send(node_ids, pm.ENROL, lambda _: pack(pm.Empty()), timeout=300)
-        new = []
+        new: list[int] = []
         for nid in node_ids:
             r = replies.get(nid)
             err = self._reply_error(r)
@@ -125,17 +156,36 @@ class FederatedJob:
                     info, _ = unpack(r.content, pm.EnrolReply)
                 except pm.ProtocolError as perr:
                     err = str(perr)
+            if err is None and self.plan is not None:
+                err = self._mismatch(info)
+            if err is None and any(self.sites[n].info.site == info.site for n in new):
+                err = f"site name '{info.site}' is already used by another node"
             if err is not None:
                 self.log(f"enrolment: node {nid} refused: {err}")
-                self.run.log({"phase": "enrol", "node": nid, "status": "refused", "reason": err})
+                self.run.log({"phase": "enrol", "node": nid, "status": "refused", "reason": err,
+                              "round": self.state.round + 1})
+                self.refused.add(nid)
                 continue
+            for old, s in list(self.sites.items()):
+                if s.info.site == info.site:
+                    self.log(f"site '{info.site}' reconnected as node {nid} (was node {old})")
+                    self.sites.pop(old)
             self.sites[nid] = Site(nid, info)
             new.append(nid)
             self.run.log({"phase": "enrol", "site": info.site, "node": nid, "status": "ok",
                           "cases": info.num_training_cases, "gpu_memory_gb": info.gpu_memory_gb,
-                          "device": info.device})
+                          "device": info.device, "round": self.state.round + 1})
         self._check_consistent()
         return new
+
+    def _mismatch(self, info: pm.EnrolReply) -> str | None:
+        assert self.plan is not None
+        if info.channel_names != self.plan.channel_names:
+            return (f"declares channels {info.channel_names}, but the plan has "
+                    f"{self.plan.channel_names}")
+        if info.labels != self.plan.labels:
+            return f"declares labels {info.labels}, but the plan has {self.plan.labels}"
+        return None
 
     def _check_consistent(self) -> None:
         sites = list(self.sites.values())
@@ -170,7 +220,12 @@ class FederatedJob:
                 raise FedsegError(f"fingerprint: site '{self._name(nid)}' failed: {err}")
             _, arrays = unpack(r.content, pm.FingerprintReply)
             vectors.append(arrays["fingerprint"])
-        total = np.sum(np.stack(vectors), axis=0)
+        # add in site-name order: the float sums (and so the plan's hash) do not depend on
+        # which node id Flower happened to give each site
+        order = sorted(range(len(nodes)), key=lambda i: self.sites[nodes[i]].info.site)
+        total = vectors[order[0]].astype(np.float64)
+        for i in order[1:]:
+            total = total + vectors[i]
         info = self.sites[nodes[0]].info
         ds = DatasetJson(channel_names=info.channel_names, labels=info.labels,
                          file_ending=info.file_ending)
@@ -198,6 +253,7 @@ class FederatedJob:
                 self.run.log({"phase": "prepare", "site": self._name(nid), "status": "failed",
                               "reason": err})
                 self.sites.pop(nid, None)
+                self.refused.add(nid)
                 continue
             rep, _ = unpack(r.content, pm.PrepareReply)
             self.sites[nid].prepared_for = self.plan.hash()
@@ -217,7 +273,10 @@ class FederatedJob:
         return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
 
     def refresh_sites(self) -> None:
-        """Enrol and prepare nodes that (re)joined since the last round; forget vanished ones."""
+        """Enrol and prepare nodes that (re)joined since the last round; forget vanished ones.
+
+        A site whose SuperNode restarted comes back under a NEW node id: :meth:`enrol` swaps
+        it in for the old entry of the same site name."""
         current = set(self.grid.get_node_ids())
         for nid in list(self.sites):
             if nid not in current:
@@ -225,25 +284,46 @@ class FederatedJob:
                 self.run.log({"phase": "membership", "site": self._name(nid), "node": nid,
                               "status": "disconnected", "round": self.state.round + 1})
                 self.sites.pop(nid)
-        fresh = sorted(current - set(self.sites))
+        fresh = sorted(current - set(self.sites) - self.refused)
         if fresh:
             new = self.enrol(fresh)
-            # a site that restarts comes back as a new node: drop its old entry if still there
-            names = {}
-            for nid, s in sorted(self.sites.items()):
-                if s.info.site in names and nid in new:
-                    self.sites.pop(names[s.info.site], None)
-                names[s.info.site] = nid
-            if new:
+            if new and self.plan is not None:
                 self.prepare(new)
 
+    def active_nodes(self) -> list[int]:
+        assert self.plan is not None
+        h = self.plan.hash()
+        return [n for n, s in self.sites.items() if s.prepared_for == h]
+
+    def wait_for_sites(self, timeout: float) -> list[int]:
+        """Refresh membership until at least ``min_sites`` prepared sites, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh_sites()
+            active = self.active_nodes()
+            if len(active) >= self.cfg.min_sites or time.monotonic() >= deadline:
+                return active
+            self.run.set_status(phase="waiting-for-sites", connected=len(active))
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
     # ------------------------------------------------------------------ rounds
-    def train_round(self, rnd: int, evaluate_first: bool) -> dict[str, Any]:
-        """One round; returns the pooled record (also logged)."""
+    def train_round(self, rnd: int, evaluate_first: bool, nodes: list[int]) -> dict[str, Any]:
+        """One round with ``nodes``; returns the pooled record (also logged).
+
+        Bounded in time: replies are awaited at most ``round_timeout_s``; a site that died
+        comes back as Flower's NODE_UNAVAILABLE error within about a minute (two missed
+        heartbeats). Missing, failed and rejected sites are logged per site ("dropped",
+        "rejected" with the reason); the round counts if at least ``min_sites`` updates are
+        good."""
         assert self.plan is not None
         cfg = self.cfg
         t0 = time.monotonic()
-        nodes = [n for n, s in self.sites.items() if s.prepared_for == self.plan.hash()]
+        if len(nodes) < cfg.min_sites:
+            pooled = {"phase": "train", "round": rnd, "site": "pooled", "sites_ok": 0,
+                      "sites_asked": 0, "status": "too_few_sites",
+                      "reason": f"only {len(nodes)} prepared site(s) connected"}
+            self.run.log(pooled)
+            return pooled
         total_its = cfg.rounds * cfg.local_iterations
         req = pm.TrainRequest(
             round=rnd, job_id=cfg.job_id or Path(cfg.run_dir).name,
@@ -291,7 +371,8 @@ class FederatedJob:
         pooled: dict[str, Any] = {"phase": "train", "round": rnd, "site": "pooled",
                                   "sites_ok": len(deltas), "sites_asked": len(nodes)}
         if len(deltas) < cfg.min_sites:
-            pooled.update(status="too_few_sites", seconds=round(time.monotonic() - t0, 3))
+            pooled.update(status="too_few_sites", seconds=round(time.monotonic() - t0, 3),
+                          reason=f"{len(deltas)} good update(s), min_sites={cfg.min_sites}")
             self.run.log(pooled)
             return pooled
         mean_delta = weighted_mean(deltas, weights)
@@ -366,6 +447,7 @@ class FederatedJob:
         ck = self.run.load_checkpoint("last")
         if ck is None:
             return False
+        self._restored_plan_hash = str(ck.get("plan_hash", ""))
         self.state.round = int(ck["round"])
         self.state.weights = dict(ck["weights"])
         self.opt.load_state_dict(ck.get("optimizer", {}))
@@ -374,9 +456,24 @@ class FederatedJob:
 
     # ------------------------------------------------------------------ driver
     def run_job(self) -> None:
+        """All phases. With ``cfg.resume`` and a checkpoint in the run folder, the job continues
+        after the last completed round with the saved plan, global weights and server-optimiser
+        state (a new Flower run: Flower cannot resume one). The sites' preprocessed caches are
+        keyed by the plan's hash and their trainer state by job id + plan hash, so they continue
+        too."""
         cfg = self.cfg
         (Path(cfg.run_dir) / "job.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-        self.run.set_status(phase="enrolment", round=0, rounds=cfg.rounds, state="running")
+        resuming = cfg.resume and self.run.plan_path.exists() and self.restore()
+        if resuming:
+            self.plan = Plan.load(self.run.plan_path)
+            ck_hash = self._restored_plan_hash
+            if ck_hash and ck_hash != self.plan.hash():
+                raise FedsegError(
+                    f"{self.run.checkpoint_path('last')} was made with plan {ck_hash}, but "
+                    f"{self.run.plan_path} has plan {self.plan.hash()}; cannot resume"
+                )
+        self.run.set_status(phase="enrolment", round=self.state.round, rounds=cfg.rounds,
+                            state="running", error=None)
         nodes = self.wait_for_nodes(cfg.min_sites, cfg.enrol_timeout_s)
         self.enrol(nodes)
         if len(self.sites) < cfg.min_sites:
@@ -384,35 +481,39 @@ class FederatedJob:
                 f"only {len(self.sites)} site(s) enrolled, min_sites={cfg.min_sites}; "
                 "see metrics.jsonl for why the others were refused"
             )
-        resumed = cfg.resume and self.run.plan_path.exists() and self.restore()
-        if resumed:
-            self.plan = Plan.load(self.run.plan_path)
-            self._check_consistent()
-            self.log(f"resuming after round {self.state.round} of {cfg.rounds}")
-            self.run.log({"phase": "resume", "round": self.state.round})
+        if resuming:
+            assert self.plan is not None
+            self.log(f"resuming after round {self.state.round} of {cfg.rounds} "
+                     f"(plan {self.plan.hash()})")
+            self.run.log({"phase": "resume", "round": self.state.round, "rounds": cfg.rounds,
+                          "plan_hash": self.plan.hash(), "sites": len(self.sites),
+                          "optimizer_state": bool(self.opt.m or self.opt.v)})
         else:
             self.plan = self.fingerprint_and_plan()
         self.prepare(list(self.sites))
-        if not resumed:
+        if not resuming:
             self.state.weights = self.init_weights()
             self.checkpoint()
         rnd = self.state.round + 1
         retries = 0
         while rnd <= cfg.rounds:
-            self.refresh_sites()
+            nodes = self.wait_for_sites(cfg.site_wait_s)
             self.run.set_status(phase="training", round=rnd,
-                                sites={s.info.site: "active" for s in self.sites.values()})
+                                sites={self._name(n): "active" for n in nodes})
             evaluate_first = (rnd - 1) % cfg.eval_every == 0  # round 1: the untrained model
-            pooled = self.train_round(rnd, evaluate_first)
+            pooled = self.train_round(rnd, evaluate_first, nodes)
             if pooled["status"] != "ok":
                 if cfg.on_too_few_sites == "fail":
-                    raise FedsegError(f"round {rnd}: only {pooled['sites_ok']} site(s) replied, "
+                    raise FedsegError(f"round {rnd}: only {pooled['sites_ok']} good update(s), "
                                       f"min_sites={cfg.min_sites}")
                 if cfg.on_too_few_sites == "retry" and retries < cfg.max_retries:
                     retries += 1
-                    self.log(f"round {rnd}: too few sites, retry {retries}/{cfg.max_retries}")
+                    self.log(f"round {rnd}: too few sites, retry {retries}/{cfg.max_retries} "
+                             f"(waiting up to {cfg.site_wait_s:.0f} s for sites)")
                     continue
                 self.log(f"round {rnd}: too few sites, skipped (global model unchanged)")
+                self.run.log({"phase": "train", "round": rnd, "site": "pooled",
+                              "status": "skipped", "reason": pooled.get("reason", "")})
             retries = 0
             self.state.round = rnd
             self.checkpoint()
