@@ -62,7 +62,8 @@ def _one_error_line(err: str, prog: str) -> str:
 
 def test_example_configs_parse() -> None:
     srv = load_server_config(ROOT / "deploy" / "examples" / "server.toml")
-    assert srv.port == 9092 and not srv.insecure and srv.job.min_sites == 2
+    assert srv.host == "127.0.0.1" and srv.port == 9093  # behind the fleet proxy
+    assert not srv.insecure and srv.job.min_sites == 2
     # relative paths are made absolute, relative to the file's folder
     assert Path(srv.job.run_dir).is_absolute() and Path(srv.state_dir).is_absolute()
     assert srv.tls_ca_certfile == str(ROOT / "deploy" / "examples" / "pki" / "ca.pem")
