@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, first_error
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -27,6 +27,17 @@ def load_toml(path: str | Path, model: type[T]) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or "(root)"
-        raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None
+        field, msg = first_error(err)
+        raise FedsegError(f"{p}: field '{field}': {msg}") from None
+
+
+def load_json_model(path: str | Path, model: type[T], missing: str) -> T:
+    """Read a JSON file into ``model``; ``missing`` is the one-line hint when it is absent."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedsegError(f"{p}: {missing}")
+    try:
+        return model.model_validate_json(p.read_text())
+    except ValidationError as err:
+        field, msg = first_error(err)
+        raise FedsegError(f"{p}: field '{field}': {msg}") from None

@@ -15,3 +15,15 @@ class FedsegError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_error(err: Exception) -> tuple[str, str]:
+    """(dotted field path, one-line message) of a pydantic ``ValidationError``'s first error.
+
+    Shared by every loader that turns a schema violation into a :class:`FedsegError` line.
+    """
+    errors = err.errors()  # type: ignore[attr-defined]
+    first = errors[0]
+    field = ".".join(str(x) for x in first["loc"]) or "(root)"
+    msg = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    return field, msg

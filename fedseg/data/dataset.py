@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedseg.data.dataset_json import DatasetJson
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, first_error
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,7 @@ def read_dataset_json(data_dir: str | Path) -> DatasetJson:
     try:
         return DatasetJson.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(root)"
-        msg = " ".join(str(first["msg"]).split())
+        field, msg = first_error(err)
         raise FedsegError(
             f"{path}: field '{field}': {msg}; fix dataset.json (nnU-Net v2 format)"
         ) from None

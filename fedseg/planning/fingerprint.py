@@ -64,8 +64,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedseg.config_io import load_json_model
 from fedseg.errors import FedsegError
 
 if TYPE_CHECKING:  # the server imports this module; only sites read images (lazy imports below)
@@ -401,15 +402,7 @@ class Fingerprint(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
-        p = Path(path)
-        if not p.is_file():
-            raise FedsegError(f"{p}: fingerprint file not found")
-        try:
-            return cls.model_validate_json(p.read_text())
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(x) for x in first["loc"]) or "(root)"
-            raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None
+        return load_json_model(path, cls, "fingerprint file not found")
 
 
 # ---- per-case extraction -----------------------------------------------------------------

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from fedseg.config_io import load_json_model
 from fedseg.errors import FedsegError
 
 PLAN_VERSION = 1
@@ -111,12 +112,4 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        p = Path(path)
-        if not p.is_file():
-            raise FedsegError(f"{p}: plan file not found; make one with 'fedseg plan'")
-        try:
-            return cls.model_validate_json(p.read_text())
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(x) for x in first["loc"]) or "(root)"
-            raise FedsegError(f"{p}: field '{field}': {first['msg']}") from None
+        return load_json_model(path, cls, "plan file not found; make one with 'fedseg plan'")

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, first_error
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_SERVER_SANS = ("127.0.0.1", "localhost")
@@ -368,9 +368,7 @@ def load_roster(path: Path | str) -> Roster:
     try:
         return Roster.model_validate(data)
     except ValidationError as err:
-        e = err.errors()[0]
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        where, msg = first_error(err)
         raise FedsegError(f"{p}: not a valid roster ({where}: {msg})") from None
 
 
