@@ -94,7 +94,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedseg.simulate import simulate
 
-    extra = {"aggregation": {"kind": args.aggregation}, "eval_every": args.eval_every}
+    extra = {"aggregation": {"kind": args.aggregation}, "eval_every": args.eval_every,
+             "secure_aggregation": args.secure_aggregation == "on",
+             "per_site_metrics": args.per_site_metrics == "on"}
     if args.aggregation == "fedprox":
         extra["proximal_mu"] = args.mu
     simulate(
@@ -191,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    s.add_argument("--secure-aggregation", choices=["on", "off"], default="on",
+                   help="sum fingerprints and updates with secure aggregation (a PKI for the "
+                        "demo sites is provisioned into OUT/pki)")
+    s.add_argument("--per-site-metrics", choices=["on", "off"], default="on",
+                   help="off: the sites' evaluation metrics go into the secure sum too "
+                        "(only pooled Dice/HD95 are logged)")
     s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("provision", help="create the consortium CA, server certificate, site "

@@ -6,6 +6,11 @@ FLWR_HOME inside the run folder; the job is submitted with ``flwr run`` exactly 
 ``metrics.jsonl``. Everything started is stopped on exit, on an error and on Ctrl-C (process
 groups, so Flower's superexec/ClientApp children go too). With no ``--data`` the built-in
 synthetic multi-site demo data is generated first.
+
+Secure aggregation (on by default) needs each site's identity key and the consortium roster:
+a PKI for the simulated sites is provisioned into ``OUT/pki`` (``fedseg provision``; reused when
+it already lists the same sites), every SuperNode gets node config ``identity-key`` and
+``roster``, and the job's ``roster`` points at ``OUT/pki/roster.json``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,25 @@ class Federation:
         self.superlink: ManagedProcess | None = None
         self.nodes: dict[str, ManagedProcess] = {}
         self.port = 0
+        self.pki = work / "pki"
+
+    def ensure_pki(self) -> Path | None:
+        """Provision the demo consortium (CA, site identity keys, roster) once; returns the
+        roster path (None for a federation without site folders: ``fedseg-server``)."""
+        from fedseg.privacy.provision import ROSTER_FILE, load_roster, provision
+
+        names = sorted(d.name for d in self.site_dirs)
+        if not names:
+            return None
+        roster = self.pki / ROSTER_FILE
+        if roster.is_file():
+            try:
+                if sorted(load_roster(roster).sites) == names:
+                    return roster
+            except FedsegError:
+                pass
+        provision(self.pki, names, consortium="fedseg-simulate", force=True)
+        return roster
 
     def __enter__(self) -> Federation:
         return self
@@ -70,6 +94,7 @@ class Federation:
     def start_superlink(self) -> None:
         self.port = self.port or free_port()
         db = self.work / "superlink.db"
+        self.ensure_pki()
         self.superlink = ManagedProcess(
             "flower-superlink", superlink_argv(self.port, database=str(db)),
             self.work / "logs" / "superlink.log", self.env, cwd=self.work,
@@ -91,6 +116,10 @@ class Federation:
         cache.mkdir(parents=True, exist_ok=True)
         node_cfg = {"site": name, "data-dir": str(data_dir.resolve()),
                     "cache-dir": str(cache.resolve()), "device": self.device}
+        key = self.pki / "sites" / name / "identity.key"
+        if key.is_file():  # secure aggregation: the site's identity and the consortium roster
+            node_cfg.update({"identity-key": str(key.resolve()),
+                             "roster": str((self.pki / "roster.json").resolve())})
         env = dict(self.env)
         if self.device == "cpu" or not _cuda_available():
             # the sites share this machine's cores: one BLAS/OpenMP pool each avoids thrashing
@@ -106,6 +135,9 @@ class Federation:
         return proc
 
     def submit(self, job: JobConfig) -> int:
+        roster = self.ensure_pki() if job.secure_aggregation and not job.roster else None
+        if roster is not None:
+            job = job.model_copy(update={"roster": str(roster.resolve())})
         app_dir = write_app_dir(self.work / "app")
         job_file = Path(job.run_dir) / "job.json"
         job_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Issue #3 acceptance (default run): ``fedseg simulate`` with real Flower processes on loopback.
+"""Issue #3 acceptance (default run): ``fedseg simulate`` with real Flower processes on loopback,
+secure aggregation on (the default: fingerprints and updates are summed securely).
 
 3 sites × 3 rounds on the built-in demo data, tiny plan on CPU. Checks the run directory, that
 the global model's Dice rises and beats the untrained model clearly, and that the federated plan
@@ -46,7 +47,18 @@ def test_run_directory_is_complete(sim: Path) -> None:
     assert len(train) == 9 and all(r["status"] == "ok" for r in train)
     for r in train:
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["seconds"] > 0
+        # secure aggregation (the default): no per-site loss or case count reaches the server
+        assert "cases" not in r and "loss" not in r
+    pooled = [r for r in recs if r["phase"] == "train" and r["site"] == "pooled"]
+    assert [r["status"] for r in pooled] == ["ok"] * 3
+    for r in pooled:
         assert r["cases"] > 0 and r["loss"] > 0
+        assert r["secagg"]["survivors"] == ["siteA", "siteB", "siteC"]
+        assert r["secagg"]["num_clipped"] == 0
+    assert all(r.get("cases") is None for r in recs if r["phase"] in ("enrol", "prepare"))
+    assert (sim / "pki" / "roster.json").is_file()
+    job = json.loads((run / "job.json").read_text())
+    assert job["secure_aggregation"] is True and job["roster"].endswith("roster.json")
     # no process left behind
     left = subprocess.run(["pgrep", "-f", str(sim)], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout

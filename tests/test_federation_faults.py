@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from fedseg.data.demo import make_demo_data
+from fedseg.privacy.provision import provision
 from fedseg.runtime.processes import BIN_DIR, descendants, flwr_cli, free_port, pid_alive
 from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
@@ -157,6 +158,7 @@ rounds = 4
 local_iterations = 10
 eval_every = 2
 plan_preset = "tiny"
+roster = "pki/roster.json"
 enrol_timeout_s = 300
 round_timeout_s = 300
 site_wait_s = 120
@@ -213,6 +215,7 @@ def test_server_crash_then_resume_with_real_clis(tmp_path: Path) -> None:
     build, needle = BROKEN["missing_label"]
     build(bad)
     port = free_port()
+    provision(tmp_path / "pki", [d.name for d in sites])  # secure aggregation (the default)
     cfg = tmp_path / "server.toml"
     cfg.write_text(SERVER_TOML.format(port=port))
     run_dir = tmp_path / "run"
@@ -224,7 +227,10 @@ def test_server_crash_then_resume_with_real_clis(tmp_path: Path) -> None:
         for d in sites:
             procs.start(d.name, [fc, "--site", d.name, "--data", str(d), "--insecure",
                                  "--server", f"127.0.0.1:{port}",
-                                 "--cache", str(tmp_path / "cache" / d.name)])
+                                 "--cache", str(tmp_path / "cache" / d.name),
+                                 "--identity-key",
+                                 str(tmp_path / "pki" / "sites" / d.name / "identity.key"),
+                                 "--roster", str(tmp_path / "pki" / "roster.json")])
         # a site with bad data refuses to start, with the problem lines and one error line
         badc = procs.start("bad", [fc, "--site", "badsite", "--data", str(bad), "--insecure",
                                    "--server", f"127.0.0.1:{port}"])

@@ -21,6 +21,7 @@ import pytest
 
 from fedseg.client.cli import load_client_config
 from fedseg.client.cli import main as client_main
+from fedseg.privacy.provision import provision
 from fedseg.runtime.processes import BIN_DIR, descendants, free_port, pid_alive
 from fedseg.server.cli import load_server_config
 from fedseg.server.cli import main as server_main
@@ -95,6 +96,7 @@ def test_example_configs_parse() -> None:
         (GOOD.replace("insecure = true", "insecure = false\ntls_certfile = 'a.pem'\n"
                       "tls_keyfile = 'a.key'\ntls_ca_certfile = 'ca.pem'"),
          "field 'tls_certfile'"),
+        (GOOD, "secure aggregation is on (the default) but [job] has no roster"),
     ],
 )
 def test_server_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -173,7 +175,9 @@ def test_stop_real_server(tmp_path: Path) -> None:
     """``fedseg-server start`` (real SuperLink, job waiting for sites) → ``stop RUN_DIR``:
     the server exits, status says stopped, and no process is left behind."""
     port = free_port()
-    cfg = _write(tmp_path, GOOD.replace("{port}", str(port)))
+    provision(tmp_path / "pki", ["a", "b"])  # secure aggregation (default) needs the roster
+    cfg = _write(tmp_path, GOOD.replace("{port}", str(port))
+                 .replace("[job]\n", "[job]\nroster = \"pki/roster.json\"\n"))
     log = open(tmp_path / "server.out", "wb")  # noqa: SIM115
     srv = subprocess.Popen([str(BIN_DIR / "fedseg-server"), "start", "--config", str(cfg)],
                            stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)

@@ -4,8 +4,12 @@ Flower starts a fresh ClientApp process for every message and keeps nothing acro
 restart, so every handler rebuilds what it needs from the site's disk: the dataset (node config
 ``data-dir``), the plan-keyed preprocessed cache and the trainer's state (``cache-dir``). Only
 aggregate quantities leave the site: the fingerprint's histograms/sums, the weight delta, case
-counts and evaluation metrics. Errors the site can fix (bad data) come back as an ``ErrorReply``
-with one clear line instead of a remote traceback.
+counts and evaluation metrics. When the server runs the job with secure aggregation (the
+default; node config ``identity-key`` and ``roster``) the fingerprint, the update, the case count
+and the training loss leave the site only MASKED (``client/secure.py``; the server unmasks sums
+over at least t sites), the site validates its own update before masking it, and the protocol's
+private keys stay in ``CACHE_DIR/secagg/`` (0600). Errors the site can fix (bad data) come back
+as an ``ErrorReply`` with one clear line instead of a remote traceback.
 
 Test-only fault injection (OFF unless set): the environment variable ``FEDSEG_FAULT_INJECT`` of
 the site's SuperNode (inherited by its ClientApp processes) makes the train handler misbehave on
@@ -21,7 +25,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,7 @@ class SiteConfig:
     cache_dir: Path
     device: str
     gpu_memory_gb: float | None
+    node_config: dict = field(default_factory=dict)  # identity-key / roster (secure aggregation)
 
     @classmethod
     def from_context(cls, context: Context) -> SiteConfig:
@@ -57,6 +62,7 @@ class SiteConfig:
             cache_dir=cache,
             device=str(nc.get("device", "auto")),
             gpu_memory_gb=float(gpu) if gpu not in (None, "", 0) else None,
+            node_config=dict(nc),
         )
 
     @property
@@ -73,7 +79,12 @@ def _handler(fn: Callable[[Message, SiteConfig], Message]) -> Callable[[Message,
             return fn(msg, cfg)
         except (FedsegError, pm.ProtocolError) as err:
             print(f"[fedseg-client {site}] {err}", flush=True)
-            return Message(pack_error(pm.ErrorReply(site=site, kind="data", message=str(err))),
+            from fedseg.client.secure import UpdateRefused
+            from fedseg.privacy.keys import SecAggAbort
+
+            kind = ("secagg" if isinstance(err, SecAggAbort) else
+                    "rejected" if isinstance(err, UpdateRefused) else "data")
+            return Message(pack_error(pm.ErrorReply(site=site, kind=kind, message=str(err))),
                            reply_to=msg)
         except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
             traceback.print_exc()
@@ -119,13 +130,18 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
     if problems:
         more = f" (and {len(problems) - 1} more; run 'fedseg check-data')" if len(problems) > 1 else ""
         raise FedsegError(problems[0] + more)
+    from fedseg.client import secure
+
+    req, _ = unpack(msg.content, pm.EnrolRequest)
     ds = read_dataset_json(cfg.data_dir)
     train, val = _split(cfg)
     device, gpu = _device_info(cfg)
+    hide = req.hide_case_counts  # secure aggregation: the counts go into secure sums only
     reply = pm.EnrolReply(
         site=cfg.site, channel_names=ds.channel_names, labels=ds.labels,
-        file_ending=ds.file_ending, num_training_cases=len(train), num_validation_cases=len(val),
-        gpu_memory_gb=gpu, device=device,
+        file_ending=ds.file_ending, num_training_cases=None if hide else len(train),
+        num_validation_cases=None if hide else len(val), gpu_memory_gb=gpu, device=device,
+        secagg=secure.plain_part(msg, cfg, req.secagg),
     )
     return Message(pack(reply), reply_to=msg)
 
@@ -135,8 +151,13 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
 def fingerprint(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.planning.fingerprint import compute_fingerprint
 
+    req, _ = unpack(msg.content, pm.FingerprintRequest)
     fp = compute_fingerprint(cfg.data_dir)
     vec = np.asarray(fp.to_vector(), dtype=np.float64)
+    if req.secagg is not None:  # exactly encoded into the secure sum: only the sum is seen
+        from fedseg.client import secure
+
+        return secure.fingerprint_reply(msg, cfg, req.secagg, vec)
     return Message(pack(pm.FingerprintReply(site=cfg.site, num_cases=fp.num_cases),
                         {"fingerprint": vec}), reply_to=msg)
 
@@ -152,8 +173,12 @@ def prepare(msg: Message, cfg: SiteConfig) -> Message:
     t0 = time.monotonic()
     folder = preprocess_dataset(cfg.data_dir, plan, cfg.preprocessed_root, req.config)
     n = len(PreprocessedDataset(folder))
-    return Message(pack(pm.PrepareReply(site=cfg.site, num_cases=n,
-                                        seconds=time.monotonic() - t0)), reply_to=msg)
+    from fedseg.client import secure
+
+    part = secure.plain_part(msg, cfg, req.secagg)  # round 1's share keys ride here
+    return Message(pack(pm.PrepareReply(site=cfg.site, num_cases=None if req.hide_case_counts else n,
+                                        seconds=time.monotonic() - t0, secagg=part)),
+                   reply_to=msg)
 
 
 def _load_plan(cfg: SiteConfig, plan_hash: str):
@@ -206,6 +231,12 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     )
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
     delta = _fault_injected(delta, req.round)  # test hook, off by default (module docstring)
+    if req.secagg is not None:  # checked here, weighted, clipped and masked: see client/secure.py
+        from fedseg.client import secure
+
+        return secure.train_reply(
+            msg, cfg, req, {k[len("d/"):]: v for k, v in delta.items()}, len(train_ids),
+            res.loss, evaluation, res.iterations, res.seconds, res.iterations_per_s)
     reply = pm.TrainReply(
         site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
         seconds=res.seconds, iterations_per_s=res.iterations_per_s, evaluation=evaluation,
@@ -237,4 +268,27 @@ def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndar
 def evaluate(msg: Message, cfg: SiteConfig) -> Message:
     req, weights = unpack(msg.content, pm.EvalRequest)
     plan = _load_plan(cfg, req.plan_hash)
-    return Message(pack(_evaluate(cfg, plan, weights, req.round)), reply_to=msg)
+    result = _evaluate(cfg, plan, weights, req.round)
+    if req.secagg is not None:  # per-site metrics off: into the secure sum
+        from fedseg.client import secure
+
+        return secure.eval_reply(msg, cfg, req, result)
+    return Message(pack(result), reply_to=msg)
+
+
+@app.query("share_keys")
+@_handler
+def share_keys(msg: Message, cfg: SiteConfig) -> Message:
+    """Secure aggregation set-up step (advertise / share keys) that rides on no other message."""
+    from fedseg.client import secure
+
+    return secure.step(msg, cfg)
+
+
+@app.query("unmask")
+@_handler
+def unmask(msg: Message, cfg: SiteConfig) -> Message:
+    """Secure aggregation: shares to unmask round r (+ round r+1's share keys)."""
+    from fedseg.client import secure
+
+    return secure.step(msg, cfg)

@@ -35,12 +35,17 @@ class ClientConfig(BaseModel):
     insecure: bool = False
     root_certificates: str | None = None
     auth_private_key: str | None = None
+    identity_key: str | None = Field(
+        default=None, description="the site's ECDSA P-384 identity key for secure aggregation "
+        "(default: auth_private_key, the same key from 'fedseg provision')")
+    roster: str | None = Field(default=None, description="the consortium's roster.json")
     runtime_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free one")
     restart_delay_s: float = Field(default=5.0, ge=0)
     max_restarts: int = Field(default=-1, description="-1: forever")
 
 
-PATH_FIELDS = ("data_dir", "cache_dir", "root_certificates", "auth_private_key")
+PATH_FIELDS = ("data_dir", "cache_dir", "root_certificates", "auth_private_key", "identity_key",
+               "roster")
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
@@ -60,7 +65,7 @@ def _config_from_args(args: argparse.Namespace) -> ClientConfig:
     if args.config:
         base = load_client_config(args.config).model_dump()
     for key in ("site", "data_dir", "server", "cache_dir", "device", "gpu_memory_gb",
-                "root_certificates", "auth_private_key"):
+                "root_certificates", "auth_private_key", "identity_key", "roster"):
         val = getattr(args, key, None)
         if val not in (None, ""):
             base[key] = val
@@ -103,6 +108,10 @@ def run_client(cfg: ClientConfig) -> int:
                                         "cache-dir": str(cache), "device": cfg.device}
     if cfg.gpu_memory_gb:
         node_cfg["gpu-memory-gb"] = cfg.gpu_memory_gb
+    identity = cfg.identity_key or cfg.auth_private_key
+    if identity and cfg.roster:  # what secure aggregation needs (a job without it ignores them)
+        node_cfg["identity-key"] = str(Path(identity).resolve())
+        node_cfg["roster"] = str(Path(cfg.roster).resolve())
     argv = supernode_argv(
         cfg.server, cfg.runtime_port or free_port(), node_cfg, insecure=cfg.insecure,
         root_certificates=Path(cfg.root_certificates) if cfg.root_certificates else None,
@@ -156,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float)
     p.add_argument("--root-certificates", help="the consortium CA certificate (PEM)")
     p.add_argument("--auth-private-key", help="the site's identity key (PEM)")
+    p.add_argument("--identity-key", help="the site's identity key for secure aggregation "
+                                          "(default: --auth-private-key)")
+    p.add_argument("--roster", help="the consortium roster.json (secure aggregation)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (loopback trials only)")
     return p
 

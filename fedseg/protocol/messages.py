@@ -13,6 +13,16 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedseg.privacy.secagg import (
+    KeyAdvertisement,
+    MaskedInput,
+    MaskRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+
 PROTOCOL_VERSION = 1
 
 # Flower message types: "<type>.<action>" routes to the ClientApp's handler for that action.
@@ -21,6 +31,9 @@ FINGERPRINT = "query.fingerprint"
 PREPARE = "query.prepare"
 TRAIN = "train"
 EVALUATE = "evaluate"
+# secure aggregation steps that cannot ride on another phase's message (fedseg/privacy/secagg.py)
+SHARE_KEYS = "query.share_keys"
+UNMASK = "query.unmask"
 
 
 class ProtocolError(Exception):
@@ -36,33 +49,103 @@ class Empty(Msg):
     pass
 
 
+# ---- secure aggregation parts (ride on the phase messages; see fedseg/privacy/secagg.py) -----
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecAggParams(_Part):
+    """What the server proposes for the job's secure aggregation. A site builds its
+    ``SecAggConfig`` from ITS OWN roster file plus these numbers and refuses what does not
+    validate (e.g. a threshold t with 2t <= n); the config digest each site signs makes sites
+    with different settings abort instead of mixing."""
+
+    job_id: str = Field(min_length=1, max_length=200)
+    run_id: int = Field(description="Flower run id: every round id starts with it")
+    threshold: int
+    clip: float
+
+
+class SecAggPart(_Part):
+    """Server → site, handled in this order: unmask (round r), share keys (round r+1), mask
+    (with the phase's own values), advertise (fresh keys for the listed round ids)."""
+
+    params: SecAggParams
+    unmask: UnmaskRequest | None = None
+    share_keys: ShareKeysRequest | None = None
+    mask: MaskRequest | None = None
+    advertise: list[str] = Field(default_factory=list)
+
+
+class SecAggReplyPart(_Part):
+    """Site → server; a masked vector travels in the ArrayRecord under ``SECAGG_VECTOR``."""
+
+    unmask: UnmaskReply | None = None
+    share_keys: ShareKeysReply | None = None
+    masked: MaskedInput | None = None
+    advertisements: list[KeyAdvertisement] = Field(default_factory=list)
+
+
+SECAGG_VECTOR = "secagg/vector"
+
+
+class SecAggStepRequest(Msg):
+    """``query.share_keys`` / ``query.unmask``: a secure-aggregation step on its own."""
+
+    secagg: SecAggPart
+
+
+class SecAggStepReply(Msg):
+    site: str
+    secagg: SecAggReplyPart
+
+
+class EnrolRequest(Msg):
+    secagg: SecAggPart | None = None
+    hide_case_counts: bool = Field(
+        default=False, description="secure aggregation on: per-site case counts stay at the site"
+    )
+
+
+class FingerprintRequest(Msg):
+    secagg: SecAggPart | None = None
+
+
 class EnrolReply(Msg):
     site: str
     channel_names: dict[str, str]
     labels: dict[str, int | list[int]]
     file_ending: str
-    num_training_cases: int
-    num_validation_cases: int
+    num_training_cases: int | None = Field(description="None: hidden (secure aggregation)")
+    num_validation_cases: int | None = None
     gpu_memory_gb: float = Field(description="memory of the site's GPU (0: CPU only)")
     device: str
+    secagg: SecAggReplyPart | None = None
 
 
 class FingerprintReply(Msg):
-    """The fingerprint's additive vector travels in the ArrayRecord under "fingerprint"."""
+    """The fingerprint's additive vector travels in the ArrayRecord under "fingerprint" (plain)
+    or, exactly encoded and masked, as the secure-aggregation vector (``secagg``)."""
 
     site: str
-    num_cases: int
+    num_cases: int | None = None
+    secagg: SecAggReplyPart | None = None
 
 
 class PrepareRequest(Msg):
     plan_json: str
     config: str = "3d_fullres"
+    secagg: SecAggPart | None = None  # round 1's share keys ride here
+    hide_case_counts: bool = False  # secure aggregation: the site's case count stays there
 
 
 class PrepareReply(Msg):
     site: str
-    num_cases: int
+    num_cases: int | None
     seconds: float
+    secagg: SecAggReplyPart | None = None
 
 
 class TrainRequest(Msg):
@@ -79,11 +162,31 @@ class TrainRequest(Msg):
     evaluate_first: bool = Field(
         default=False, description="evaluate the received global weights before training"
     )
+    secagg: SecAggPart | None = Field(
+        default=None, description="secure aggregation: mask the update instead of sending it"
+    )
+    max_update_norm: float | None = Field(
+        default=None, description="secure aggregation: the site checks its update's L2 norm"
+    )
+    case_scale: float = Field(
+        default=1.0, gt=0,
+        description="secure aggregation: the site masks (num_cases / case_scale) x delta",
+    )
+    per_site_metrics: bool = Field(
+        default=True,
+        description="False: the evaluation goes into the secure sum instead of in clear",
+    )
+    eval_classes: list[str] = Field(
+        default_factory=list, description="class keys of the securely summed evaluation"
+    )
 
 
 class EvalRequest(Msg):
     round: int
     plan_hash: str
+    secagg: SecAggPart | None = None
+    per_site_metrics: bool = True
+    eval_classes: list[str] = Field(default_factory=list)
 
 
 class EvalReply(Msg):
@@ -93,25 +196,32 @@ class EvalReply(Msg):
     hd95_per_class: dict[str, float]
     loss: float | None = None
     seconds: float
+    secagg: SecAggReplyPart | None = None
 
 
 class TrainReply(Msg):
-    """The weight DELTA (new - global) travels in the ArrayRecord "delta"."""
+    """The weight DELTA (new - global) travels in the ArrayRecord as "d/<name>" (plain) or,
+    weighted, clipped and masked, as the secure-aggregation vector (``secagg``); then the
+    loss and case count are in the secure sum too (None here)."""
 
     site: str
-    num_cases: int
+    num_cases: int | None = None
     iterations: int
-    loss: float
+    loss: float | None = None
     seconds: float
     iterations_per_s: float
     evaluation: EvalReply | None = None
+    secagg: SecAggReplyPart | None = None
 
 
 class ErrorReply(Msg):
     """A site-side failure the site wants the server to log (e.g. bad data)."""
 
     site: str
-    kind: Literal["data", "internal"]
+    kind: Literal["data", "internal", "rejected", "secagg"] = Field(
+        description="rejected: the site refused its own update (validation before masking); "
+        "secagg: a secure-aggregation check failed at the site (e.g. a forged key)"
+    )
     message: str
 
 

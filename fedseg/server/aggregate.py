@@ -27,6 +27,13 @@ def check_update(delta: State, reference: State, max_norm: float | None) -> floa
 
     Checks keys, shapes, dtype (float32), finiteness and, when ``max_norm`` is set, the global
     L2 norm. Returns the norm.
+
+    Only without secure aggregation: with it (the default) the server never sees one site's
+    update, so each site runs the same checks on its own update before masking it
+    (``fedseg.privacy.site_agent.check_local_update``: finite, norm <= ``max_update_norm``;
+    a refused update is reported as ``rejected``) and the server checks the unmasked SUM
+    (finite; the number of values the fixed-point clip cut is logged) — see
+    ``fedseg/server/secure_rounds.py``.
     """
     missing = sorted(set(reference) - set(delta))
     extra = sorted(set(delta) - set(reference))

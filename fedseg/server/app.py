@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = JobConfig.model_validate_json(job_file.read_text())
     run = RunDir(cfg.run_dir)
     try:
-        FederatedJob(grid, cfg, log=_log).run_job()
+        FederatedJob(grid, cfg, log=_log, run_id=int(context.run_id)).run_job()
     except FedsegError as err:
         _log(f"job failed: {err}")
         run.set_status(state="failed", error=str(err))

@@ -57,6 +57,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     cfg.tls_keyfile = absolute(cfg.tls_keyfile)
     cfg.tls_ca_certfile = absolute(cfg.tls_ca_certfile)
     cfg.job.run_dir = absolute(cfg.job.run_dir)  # type: ignore[assignment]
+    cfg.job.roster = absolute(cfg.job.roster)
     return cfg
 
 
@@ -112,6 +113,14 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
     job = cfg.job.model_copy(update={"resume": resume or cfg.job.resume})
     if not job.job_id:
         job.job_id = Path(job.run_dir).name
+    if job.secure_aggregation:  # on by default: fail now, not after the SuperLink started
+        from fedseg.privacy.provision import load_roster
+
+        if not job.roster:
+            raise FedsegError(f"{source}: secure aggregation is on (the default) but [job] has no "
+                              "roster; set roster = 'PKI/roster.json' (from 'fedseg provision') "
+                              "or secure_aggregation = false")
+        load_roster(job.roster)
     run = RunDir(job.run_dir)
     fed = Federation(state, [], device="auto")
     fed.port = cfg.port

@@ -46,6 +46,23 @@ class JobConfig(BaseModel):
     plan_preset: Literal["nnunet", "tiny"] = "nnunet"
     seed: int = 0
     resume: bool = False
+    secure_aggregation: bool = Field(
+        default=True,
+        description="sum fingerprints and model updates with secure aggregation: the server "
+        "sees only sums over at least secagg_threshold sites (needs roster)")
+    roster: str | None = Field(
+        default=None, description="the consortium's roster.json (from 'fedseg provision')")
+    secagg_threshold: int | None = Field(
+        default=None, description="t: shares needed to unmask; default floor(n/2)+1 of the "
+        "roster's n sites; every site refuses 2t <= n")
+    secagg_clip: float = Field(
+        default=10.0, gt=0,
+        description="C: each coordinate of a site's weighted update (n_i / mean cases) x delta is "
+        "clipped to [-C, C] before fixed-point masking (resolution C*n/2^31)")
+    per_site_metrics: bool = Field(
+        default=True,
+        description="log each site's evaluation (Dice/HD95); false: with secure aggregation "
+        "only the pooled evaluation, through the secure sum")
 
 
 class ServerConfig(BaseModel):

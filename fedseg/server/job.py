@@ -12,6 +12,12 @@ Round trips dominate wall time in Flower 1.42 (~6 s each, even empty), so evalua
 global model is folded into the next round's training message (the site evaluates the weights
 it receives before training on them); only the final evaluation is a message of its own.
 
+Secure aggregation (``cfg.secure_aggregation``, on by default): the fingerprint and every
+round's update are summed with SecAgg, the server unmasking only sums over at least t sites;
+the phases hand over to :mod:`fedseg.server.secure_rounds` (message flow and the one extra
+exchange per round there), and the sites keep their case counts and training losses to
+themselves (they are only in the secure sums). Updates are then validated at the sites.
+
 Faults. Before every round the membership is refreshed: vanished nodes are forgotten, new ones
 (a site restarted: a new node id) are enrolled and prepared, and replace the old entry of the
 same site name. A site that dies mid-round is reported by Flower as a NODE_UNAVAILABLE error
@@ -39,6 +45,7 @@ from flwr.serverapp import Grid
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
 from fedseg.planning.plan import Plan
+from fedseg.privacy.keys import SecAggAbort
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, payload_bytes, unpack
 from fedseg.server.aggregate import (
@@ -50,6 +57,7 @@ from fedseg.server.aggregate import (
 )
 from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
+from fedseg.server.secure_rounds import SecureAggregation
 
 Log = Callable[[str], None]
 
@@ -71,8 +79,11 @@ class JobState:
 
 
 class FederatedJob:
-    def __init__(self, grid: Grid, cfg: JobConfig, log: Log = print) -> None:
+    def __init__(self, grid: Grid, cfg: JobConfig, log: Log = print, run_id: int = 0) -> None:
         self.grid = grid
+        self.run_id = int(run_id)  # Flower's: secure-aggregation round ids start with it
+        self.secure: SecureAggregation | None = None  # set by run_job when it is on
+        self._enrol_round = ""  # secure aggregation: round id the enrolment advertises
         self.cfg = cfg
         self.log = log
         self.run = RunDir(cfg.run_dir)
@@ -146,7 +157,12 @@ class FederatedJob:
         is refused alone. A node with the name of an enrolled site replaces it: a restarted
         SuperNode registers with a new node id while the old id can look online for up to a
         minute (Flower's heartbeat)."""
-        replies = self._send(node_ids, pm.ENROL, lambda _: pack(pm.Empty()), timeout=300)
+        sec = self.secure
+        req = pm.EnrolRequest(
+            hide_case_counts=sec is not None,
+            secagg=sec.part(advertise=[self._enrol_round]) if sec and self._enrol_round else None,
+        )
+        replies = self._send(node_ids, pm.ENROL, lambda _: pack(req), timeout=300)
         new: list[int] = []
         for nid in node_ids:
             r = replies.get(nid)
@@ -160,6 +176,9 @@ class FederatedJob:
                 err = self._mismatch(info)
             if err is None and any(self.sites[n].info.site == info.site for n in new):
                 err = f"site name '{info.site}' is already used by another node"
+            if err is None and sec is not None and info.site not in sec.config.roster:
+                err = (f"site '{info.site}' is not in the consortium roster; secure aggregation "
+                       "needs every site's identity key")
             if err is not None:
                 self.log(f"enrolment: node {nid} refused: {err}")
                 self.run.log({"phase": "enrol", "node": nid, "status": "refused", "reason": err,
@@ -172,6 +191,8 @@ class FederatedJob:
                     self.sites.pop(old)
             self.sites[nid] = Site(nid, info)
             new.append(nid)
+            if sec is not None and self._enrol_round:
+                sec.take_adverts(self._enrol_round, info.site, info.secagg)
             self.run.log({"phase": "enrol", "site": info.site, "node": nid, "status": "ok",
                           "cases": info.num_training_cases, "gpu_memory_gb": info.gpu_memory_gb,
                           "device": info.device, "round": self.state.round + 1})
@@ -211,6 +232,37 @@ class FederatedJob:
 
         nodes = list(self.sites)
         self.run.set_status(phase="fingerprint")
+        if self.secure is not None:
+            total = self._secure_fingerprint_sum()
+        else:
+            total = self._plain_fingerprint_sum(nodes)
+        info = self.sites[nodes[0]].info
+        ds = DatasetJson(channel_names=info.channel_names, labels=info.labels,
+                         file_ending=info.file_ending)
+        gpus = [s.info.gpu_memory_gb for s in self.sites.values() if s.info.gpu_memory_gb > 0]
+        budget = self.cfg.gpu_memory_gb or (min(gpus) if gpus else 8.0)
+        plan = plan_from_fingerprint_sum(total, ds, gpu_memory_gb=budget,
+                                         dataset_name=Path(self.cfg.run_dir).name,
+                                         preset=self.cfg.plan_preset)
+        plan.save(self.run.plan_path)
+        self.run.log({"phase": "plan", "plan_hash": plan.hash(), "sites": len(nodes),
+                      "gpu_memory_gb": budget, "secure_aggregation": self.secure is not None})
+        return plan
+
+    def _secure_fingerprint_sum(self) -> np.ndarray:
+        """Exact secure sum of the fingerprints (``secure_rounds.fingerprint_sum``); round 1's
+        keys are advertised with the fingerprint reply."""
+        from fedseg.planning.fingerprint import Fingerprint
+        from fedseg.server import secure_rounds
+
+        assert self.secure is not None
+        info = next(iter(self.sites.values())).info
+        length = Fingerprint.empty(info.channel_names).to_vector().size
+        next_rid = self.secure.new_round("train", 1)
+        self.secure.next_train[1] = next_rid
+        return secure_rounds.fingerprint_sum(self, self._fingerprint_round, length, next_rid)
+
+    def _plain_fingerprint_sum(self, nodes: list[int]) -> np.ndarray:
         replies = self._send(nodes, pm.FINGERPRINT, lambda _: pack(pm.Empty()), timeout=3600)
         vectors = []
         for nid in nodes:
@@ -226,25 +278,30 @@ class FederatedJob:
         total = vectors[order[0]].astype(np.float64)
         for i in order[1:]:
             total = total + vectors[i]
-        info = self.sites[nodes[0]].info
-        ds = DatasetJson(channel_names=info.channel_names, labels=info.labels,
-                         file_ending=info.file_ending)
-        gpus = [s.info.gpu_memory_gb for s in self.sites.values() if s.info.gpu_memory_gb > 0]
-        budget = self.cfg.gpu_memory_gb or (min(gpus) if gpus else 8.0)
-        plan = plan_from_fingerprint_sum(total, ds, gpu_memory_gb=budget,
-                                         dataset_name=Path(self.cfg.run_dir).name,
-                                         preset=self.cfg.plan_preset)
-        plan.save(self.run.plan_path)
-        self.run.log({"phase": "plan", "plan_hash": plan.hash(), "sites": len(nodes),
-                      "gpu_memory_gb": budget})
-        return plan
+        return total
 
-    def prepare(self, node_ids: list[int]) -> list[int]:
+    def prepare(self, node_ids: list[int], share_round: int | None = None) -> list[int]:
+        """Preprocess with the plan. ``share_round``: secure aggregation's share-keys step of
+        that training round rides on this message (its keys were advertised earlier)."""
+        from fedseg.server import secure_rounds
+
         assert self.plan is not None
-        req = pm.PrepareRequest(plan_json=self.plan.model_dump_json())
+        share = None
+        if self.secure is not None and share_round is not None:
+            share = secure_rounds.prepare_share(self, share_round)
         self.run.set_status(phase="preprocess")
-        replies = self._send(node_ids, pm.PREPARE, lambda _: pack(req), timeout=3600)
+
+        def content(nid: int):
+            part = None
+            if share is not None and any(a.site == self._name(nid)
+                                         for a in share[1].advertisements):
+                part = self.secure.part(share_keys=share[1])
+            return pack(pm.PrepareRequest(plan_json=self.plan.model_dump_json(), secagg=part,
+                                          hide_case_counts=self.secure is not None))
+
+        replies = self._send(node_ids, pm.PREPARE, content, timeout=3600)
         ok = []
+        shared = []
         for nid in node_ids:
             r = replies.get(nid)
             err = self._reply_error(r)
@@ -256,10 +313,19 @@ class FederatedJob:
                 self.refused.add(nid)
                 continue
             rep, _ = unpack(r.content, pm.PrepareReply)
+            if rep.secagg is not None and rep.secagg.share_keys is not None:
+                shared.append(rep.secagg.share_keys)
             self.sites[nid].prepared_for = self.plan.hash()
             self.run.log({"phase": "prepare", "site": rep.site, "status": "ok",
                           "cases": rep.num_cases, "seconds": rep.seconds})
             ok.append(nid)
+        if share is not None:
+            try:
+                self.secure.take_share_replies(share[0], shared)
+            except SecAggAbort as err:  # the round sets its keys up afresh
+                self.run.log({"phase": "secagg", "step": "share_keys", "round_id": share[0],
+                              "status": "aborted", "reason": str(err)})
+                self.secure.drop(share[0])
         return ok
 
     def init_weights(self) -> State:
@@ -316,6 +382,10 @@ class FederatedJob:
         "rejected" with the reason); the round counts if at least ``min_sites`` updates are
         good."""
         assert self.plan is not None
+        if self.secure is not None:
+            from fedseg.server import secure_rounds
+
+            return secure_rounds.train_round(self, rnd, evaluate_first, nodes)
         cfg = self.cfg
         t0 = time.monotonic()
         if len(nodes) < cfg.min_sites:
@@ -416,6 +486,11 @@ class FederatedJob:
 
     def final_evaluation(self) -> None:
         assert self.plan is not None
+        if self.secure is not None and not self.cfg.per_site_metrics:
+            from fedseg.server import secure_rounds
+
+            secure_rounds.final_evaluation(self)
+            return
         nodes = list(self.sites)
         req = pm.EvalRequest(round=self.state.round, plan_hash=self.plan.hash())
         content = pack(req, self.state.weights)
@@ -474,8 +549,11 @@ class FederatedJob:
                 )
         self.run.set_status(phase="enrolment", round=self.state.round, rounds=cfg.rounds,
                             state="running", error=None)
+        if cfg.secure_aggregation:
+            self._start_secure_aggregation(resuming)
         nodes = self.wait_for_nodes(cfg.min_sites, cfg.enrol_timeout_s)
         self.enrol(nodes)
+        self._enrol_round = ""  # sites that join later set their keys up with their first round
         if len(self.sites) < cfg.min_sites:
             raise FedsegError(
                 f"only {len(self.sites)} site(s) enrolled, min_sites={cfg.min_sites}; "
@@ -490,10 +568,10 @@ class FederatedJob:
                           "optimizer_state": bool(self.opt.m or self.opt.v)})
         else:
             self.plan = self.fingerprint_and_plan()
-        self.prepare(list(self.sites))
         if not resuming:
             self.state.weights = self.init_weights()
             self.checkpoint()
+        self.prepare(list(self.sites), share_round=self.state.round + 1)
         rnd = self.state.round + 1
         retries = 0
         while rnd <= cfg.rounds:
@@ -523,6 +601,28 @@ class FederatedJob:
         self.final_evaluation()
         self.export()
         self.run.set_status(phase="done", state="finished", round=self.state.round)
+
+    def _start_secure_aggregation(self, resuming: bool) -> None:
+        """Secure aggregation on (the default): roster and threshold from the job config; the
+        enrolment advertises the keys of the first aggregation (the fingerprint, or on resume
+        the next training round). See ``secure_rounds`` for the message flow."""
+        cfg = self.cfg
+        if not cfg.roster:
+            raise FedsegError(
+                "secure aggregation is on (the default) but the job has no roster: set "
+                "roster = 'PKI/roster.json' (from 'fedseg provision') in the job config, or "
+                "secure_aggregation = false"
+            )
+        self.secure = SecureAggregation(cfg.roster, cfg.secagg_threshold, cfg.secagg_clip,
+                                        cfg.job_id or Path(cfg.run_dir).name, self.run_id)
+        if resuming:
+            rid = self.secure.new_round("train", self.state.round + 1)
+            self.secure.next_train[self.state.round + 1] = rid
+        else:
+            rid = self._fingerprint_round = self.secure.new_round("fingerprint", 0)
+        self._enrol_round = rid
+        self.log(f"secure aggregation on: {len(self.secure.config.roster)} sites in the roster, "
+                 f"threshold {self.secure.config.threshold}, clip {self.secure.config.clip}")
 
     def export(self) -> None:
         import torch

@@ -1,0 +1,503 @@
+"""Server side of secure aggregation in the federated job: fingerprint sum, training rounds,
+final evaluation — the server only ever unmasks SUMS over at least t sites.
+
+Message flow (one Flower exchange = one ``send_and_receive``; [+] marks an exchange that plain
+aggregation does not have). The setup steps of the next aggregation ride on messages that flow
+anyway, as ``fedseg/privacy/secagg.py`` describes:
+
+    ENROL            → advertise(FP)                       reply: KeyAdvertisement(FP)
+    SHARE_KEYS [+]   → ShareKeysRequest(FP)                reply: ShareKeysReply(FP)
+    FINGERPRINT      → MaskRequest(FP), advertise(T1)      reply: masked exact fingerprint, adv(T1)
+    UNMASK [+]       → UnmaskRequest(FP)                   reply: UnmaskReply(FP)
+    PREPARE          → plan, ShareKeysRequest(T1)          reply: ShareKeysReply(T1)
+    TRAIN_r          → weights, MaskRequest(Tr), adv(Tr+1) reply: masked update, adv(Tr+1)
+    UNMASK_r [+]     → UnmaskRequest(Tr), ShareKeys(Tr+1)  reply: UnmaskReply(Tr), ShareKeysReply(Tr+1)
+    EVALUATE         (per-site metrics: as without SecAgg; else setup [+][+], masked, unmask [+])
+
+so a training round costs exactly one extra exchange. When the round's keys were not set up in
+advance — the first round after a resume, a site that joined or came back, a retried round —
+the round first runs the two set-up exchanges (advertise, share keys) with a FRESH round id.
+
+Round ids are ``<Flower run id>/<job id>/<kind><round>/<attempt>``: the sites check the run-id
+prefix and never reuse an id, and the attempt counter is new for every set-up, so a retried or
+resumed round always has fresh keys.
+
+Update validation: the server cannot check one site's update any more (it never sees one).
+Each site checks its own before masking (finite, L2 norm <= ``max_update_norm``; see
+``fedseg/client/secure.py``) and the server checks the unmasked SUM (finite; the number of
+clipped values is logged). A malicious site can still send a bad (finite, clipped) update:
+that is the price of not seeing individual updates.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Message
+
+from fedseg.errors import FedsegError
+from fedseg.privacy import aggregates as agg
+from fedseg.privacy import exact_sum
+from fedseg.privacy.keys import SecAggAbort
+from fedseg.privacy.secagg import (
+    AggregateResult,
+    KeyAdvertisement,
+    MaskRequest,
+    SecAggConfig,
+    SecAggServer,
+    ShareKeysReply,
+    ShareKeysRequest,
+)
+from fedseg.protocol import messages as pm
+from fedseg.protocol.records import pack, payload_bytes, unpack
+
+if TYPE_CHECKING:
+    from fedseg.server.job import FederatedJob
+
+SETUP_TIMEOUT_S = 600.0
+
+
+@dataclass
+class _Agg:
+    rid: str
+    adverts: dict[str, KeyAdvertisement] = field(default_factory=dict)
+    server: SecAggServer | None = None
+    share_req: ShareKeysRequest | None = None
+    mask_reqs: dict[str, MaskRequest] | None = None
+    layout: tuple[int, dict[str, int]] | None = None
+
+
+class SecureAggregation:
+    """Protocol state of the job's aggregations at the server (no Flower inside)."""
+
+    def __init__(self, roster_path: str, threshold: int | None, clip: float, job_id: str,
+                 run_id: int) -> None:
+        from fedseg.privacy.provision import load_roster
+
+        roster = load_roster(roster_path)
+        n = len(roster.sites)
+        t = threshold if threshold is not None else n // 2 + 1
+        try:
+            self.config = SecAggConfig(
+                roster={k: v.public_key_pem for k, v in roster.sites.items()}, threshold=t, clip=clip
+            )
+        except ValueError as err:
+            raise FedsegError(f"secure aggregation: {' '.join(str(err).split())[:300]}") from None
+        self.params = pm.SecAggParams(job_id=job_id, run_id=int(run_id), threshold=t, clip=clip)
+        self._job = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:80] or "job"
+        self._attempt = 0
+        self.aggs: dict[str, _Agg] = {}
+        self.next_train: dict[int, str] = {}  # round -> round id advertised in advance
+
+    # ---- bookkeeping
+    def new_round(self, kind: str, rnd: int) -> str:
+        self._attempt += 1
+        rid = f"{self.params.run_id}/{self._job}/{kind}{rnd}/{self._attempt}"
+        self.aggs[rid] = _Agg(rid)
+        return rid
+
+    def part(self, **kw: Any) -> pm.SecAggPart:
+        return pm.SecAggPart(params=self.params, **kw)
+
+    def take_adverts(self, rid: str, site: str, reply: pm.SecAggReplyPart | None) -> None:
+        a = self.aggs.get(rid)
+        if a is None or reply is None:
+            return
+        for adv in reply.advertisements:
+            if adv.round_id == rid and adv.site == site and a.server is None:
+                a.adverts[site] = adv
+
+    def share_request(self, rid: str, layout: tuple[int, dict[str, int]]) -> ShareKeysRequest:
+        """Verify the advertisements (signatures against the roster) → the key list to share."""
+        a = self.aggs[rid]
+        if a.share_req is None:
+            a.layout = layout
+            a.server = SecAggServer(self.config, rid, layout[0], layout[1])
+            a.share_req = a.server.advertisements(a.adverts[s] for s in sorted(a.adverts))
+        return a.share_req
+
+    def take_share_replies(self, rid: str, replies: list[ShareKeysReply]) -> dict[str, MaskRequest]:
+        a = self.aggs[rid]
+        assert a.server is not None
+        a.mask_reqs = a.server.relay_shares(replies)
+        return a.mask_reqs
+
+    def ready(self, rid: str | None, sites: list[str], layout: tuple[int, dict[str, int]]) -> bool:
+        a = self.aggs.get(rid or "")
+        return (a is not None and a.mask_reqs is not None and a.layout == layout
+                and set(sites) <= set(a.mask_reqs))
+
+    def drop(self, rid: str | None) -> None:
+        self.aggs.pop(rid or "", None)
+
+
+# --------------------------------------------------------------------------- job phases
+
+
+def _reply_part(job: FederatedJob, nid: int, r: Message | None, model: type) -> tuple[Any, dict, str | None]:
+    err = job._reply_error(r)
+    if err is not None:
+        return None, {}, err
+    try:
+        rep, arrays = unpack(r.content, model)  # type: ignore[union-attr]
+    except pm.ProtocolError as perr:
+        return None, {}, str(perr)
+    return rep, arrays, None
+
+
+def _event(job: FederatedJob, **rec: Any) -> None:
+    job.run.log({"phase": "secagg", **rec})
+
+
+def setup(job: FederatedJob, rid: str, nodes: list[int], layout: tuple[int, dict[str, int]],
+          what: str) -> list[int]:
+    """Advertise (for nodes without an advertisement) and share keys; returns the nodes that
+    have a mask request for ``rid``. Raises SecAggAbort with fewer than t sites."""
+    sec: SecureAggregation = job.secure
+    a = sec.aggs[rid]
+    failed: dict[int, str] = {}
+    job._secagg_setup_failed = failed  # node -> why it is not in the aggregation
+    missing = [n for n in nodes if job._name(n) not in a.adverts]
+    if missing:
+        req = pm.SecAggStepRequest(secagg=sec.part(advertise=[rid]))
+        replies = job._send(missing, pm.SHARE_KEYS, lambda _: pack(req), timeout=SETUP_TIMEOUT_S)
+        for nid in missing:
+            rep, _, err = _reply_part(job, nid, replies.get(nid), pm.SecAggStepReply)
+            if err is not None:
+                _event(job, step="advertise", round_id=rid, what=what, site=job._name(nid),
+                       status="dropped", reason=err)
+                failed[nid] = err
+                continue
+            sec.take_adverts(rid, job._name(nid), rep.secagg)
+    share_req = sec.share_request(rid, layout)
+    listed = {adv.site for adv in share_req.advertisements}
+    asked = [n for n in nodes if job._name(n) in listed]
+    req = pm.SecAggStepRequest(secagg=sec.part(share_keys=share_req))
+    replies = job._send(asked, pm.SHARE_KEYS, lambda _: pack(req), timeout=SETUP_TIMEOUT_S)
+    got = []
+    for nid in asked:
+        rep, _, err = _reply_part(job, nid, replies.get(nid), pm.SecAggStepReply)
+        if err is not None or rep.secagg.share_keys is None:
+            _event(job, step="share_keys", round_id=rid, what=what, site=job._name(nid),
+                   status="dropped", reason=err or "no share-keys reply")
+            failed[nid] = err or "no share-keys reply"
+            continue
+        got.append(rep.secagg.share_keys)
+    mask_reqs = sec.take_share_replies(rid, got)
+    a = sec.aggs[rid]
+    job._secagg_setup_exchanges = 2 if missing else 1
+    _event(job, step="setup", round_id=rid, what=what, sites=sorted(mask_reqs),
+           excluded=dict(a.server.excluded) if a.server else {},
+           exchanges=job._secagg_setup_exchanges)
+    return [n for n in nodes if job._name(n) in mask_reqs]
+
+
+def unmask(job: FederatedJob, rid: str, nodes: list[int],
+           next_share: tuple[str, ShareKeysRequest] | None = None) -> AggregateResult:
+    """The UNMASK exchange (carrying the next aggregation's share keys); returns the sums."""
+    sec: SecureAggregation = job.secure
+    a = sec.aggs[rid]
+    assert a.server is not None
+    ureq = a.server.unmask_request()
+    survivors = set(ureq.survivors)
+    targets = [n for n in nodes if job._name(n) in survivors
+               or (next_share and job._name(n) in {x.site for x in next_share[1].advertisements})]
+
+    def content(nid: int):
+        name = job._name(nid)
+        return pack(pm.SecAggStepRequest(secagg=sec.part(
+            unmask=ureq if name in survivors else None,
+            share_keys=next_share[1] if next_share and any(
+                x.site == name for x in next_share[1].advertisements) else None)))
+
+    replies = job._send(targets, pm.UNMASK, content, timeout=SETUP_TIMEOUT_S)
+    unmask_replies, share_replies = [], []
+    for nid in targets:
+        rep, _, err = _reply_part(job, nid, replies.get(nid), pm.SecAggStepReply)
+        if err is not None:
+            _event(job, step="unmask", round_id=rid, site=job._name(nid), status="dropped",
+                   reason=err)
+            continue
+        if rep.secagg.unmask is not None:
+            unmask_replies.append(rep.secagg.unmask)
+        if rep.secagg.share_keys is not None:
+            share_replies.append(rep.secagg.share_keys)
+    if next_share is not None:
+        try:
+            sec.take_share_replies(next_share[0], share_replies)
+        except SecAggAbort as err:
+            _event(job, step="share_keys", round_id=next_share[0], status="aborted", reason=str(err))
+            sec.drop(next_share[0])
+    try:
+        res = a.server.unmask(unmask_replies)
+    finally:
+        sec.drop(rid)
+    _event(job, step="unmask", round_id=rid, status="ok", survivors=res.survivors,
+           dropped=res.dropped, recovered=bool(res.dropped), excluded=res.excluded,
+           num_clipped=res.num_clipped)
+    return res
+
+
+# ---- fingerprint -------------------------------------------------------------------------
+
+
+def fingerprint_sum(job: FederatedJob, rid: str, length: int, next_rid: str) -> np.ndarray:
+    """The exact sum of every enrolled site's fingerprint vector; all sites must take part."""
+    nodes = list(job.sites)
+    layout = (0, {agg.FINGERPRINT_FIELD: exact_sum.encoded_length(length)})
+    try:
+        ready = setup(job, rid, nodes, layout, "fingerprint")
+        if len(ready) != len(nodes):
+            raise SecAggAbort(f"only {len(ready)} of {len(nodes)} sites set up the secure sum")
+        sec: SecureAggregation = job.secure
+        reqs = sec.aggs[rid].mask_reqs
+        assert reqs is not None
+        replies = job._send(nodes, pm.FINGERPRINT, lambda nid: pack(pm.FingerprintRequest(
+            secagg=sec.part(mask=reqs[job._name(nid)], advertise=[next_rid]))), timeout=3600)
+        server = sec.aggs[rid].server
+        assert server is not None
+        for nid in nodes:
+            rep, arrays, err = _reply_part(job, nid, replies.get(nid), pm.FingerprintReply)
+            if err is None and (rep.secagg is None or rep.secagg.masked is None
+                                or pm.SECAGG_VECTOR not in arrays):
+                err = "no masked fingerprint in the reply"
+            if err is None and not server.add_masked(rep.secagg.masked, arrays[pm.SECAGG_VECTOR]):
+                err = server.excluded.get(job._name(nid), "masked upload refused")
+            if err is not None:
+                raise FedsegError(f"fingerprint: site '{job._name(nid)}' failed: {err}")
+            sec.take_adverts(next_rid, job._name(nid), rep.secagg)
+        res = unmask(job, rid, nodes)
+    except SecAggAbort as err:
+        raise FedsegError(f"fingerprint: secure aggregation failed: {err}") from None
+    total = exact_sum.decode(res.ints[agg.FINGERPRINT_FIELD], length)
+    if not np.isfinite(total).all():
+        raise FedsegError("fingerprint: the securely summed fingerprint is not finite")
+    return total
+
+
+# ---- training rounds ---------------------------------------------------------------------
+
+
+def shapes(job: FederatedJob) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in job.state.weights.items()}
+
+
+def eval_classes(job: FederatedJob) -> list[str]:
+    from fedseg.training.evaluate import label_groups
+
+    assert job.plan is not None
+    return sorted(label_groups(job.plan.labels))
+
+
+def train_layout(job: FederatedJob, rnd: int) -> tuple[int, dict[str, int]]:
+    cfg = job.cfg
+    with_eval = (not cfg.per_site_metrics) and (rnd - 1) % cfg.eval_every == 0
+    return (agg.flat_length(shapes(job)),
+            agg.train_int_fields(eval_classes(job) if with_eval else ()))
+
+
+def case_scale(job: FederatedJob) -> float:
+    """Public weight scale s (``aggregates``): mean training cases per site, from the pooled
+    fingerprint's case count (a sum), never from one site's count."""
+    assert job.plan is not None
+    n_sites = max(1, len(job.secure.config.roster))
+    return max(1.0, float(job.plan.num_training_cases) / n_sites)
+
+
+def prepare_share(job: FederatedJob, rnd: int) -> tuple[str, ShareKeysRequest] | None:
+    """Share-keys request of round ``rnd`` when its advertisements already arrived."""
+    sec: SecureAggregation = job.secure
+    rid = sec.next_train.get(rnd)
+    if rid is None or rid not in sec.aggs or not sec.aggs[rid].adverts:
+        return None
+    try:
+        return rid, sec.share_request(rid, train_layout(job, rnd))
+    except SecAggAbort as err:
+        _event(job, step="share_keys", round_id=rid, status="aborted", reason=str(err))
+        sec.drop(rid)
+        sec.next_train.pop(rnd, None)
+        return None
+
+
+def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[int]) -> dict[str, Any]:
+    """The secure version of ``FederatedJob.train_round`` (same pooled record, plus secagg)."""
+    cfg = job.cfg
+    sec: SecureAggregation = job.secure
+    t0 = time.monotonic()
+    pooled: dict[str, Any] = {"phase": "train", "round": rnd, "site": "pooled",
+                              "sites_ok": 0, "sites_asked": len(nodes), "secure_aggregation": True}
+    need = max(cfg.min_sites, sec.config.threshold)
+
+    def fail(reason: str) -> dict[str, Any]:
+        pooled.update(status="too_few_sites", reason=reason, seconds=round(time.monotonic() - t0, 3))
+        job.run.log(pooled)
+        return pooled
+
+    if len(nodes) < need:
+        return fail(f"only {len(nodes)} prepared site(s) connected, need {need} "
+                    f"(min_sites={cfg.min_sites}, secure-aggregation threshold "
+                    f"{sec.config.threshold})")
+    layout = train_layout(job, rnd)
+    names = [job._name(n) for n in nodes]
+    asked = list(nodes)
+    rid = sec.next_train.pop(rnd, None)
+    exchanges = 2  # TRAIN + UNMASK
+    if not sec.ready(rid, names, layout):
+        sec.drop(rid)
+        rid = sec.new_round("train", rnd)
+        try:
+            nodes = setup(job, rid, nodes, layout, f"train round {rnd}")
+        except SecAggAbort as err:
+            sec.drop(rid)
+            return fail(f"secure-aggregation set-up failed: {err}")
+        exchanges += job._secagg_setup_exchanges
+    a = sec.aggs[rid]
+    assert a.mask_reqs is not None and a.server is not None
+    for nid in asked:  # asked for the round, lost in its secure-aggregation set-up
+        if job._name(nid) not in a.mask_reqs:
+            why = getattr(job, "_secagg_setup_failed", {}).get(nid) or a.server.excluded.get(
+                job._name(nid), "did not complete the secure-aggregation set-up")
+            job.log(f"round {rnd}: site '{job._name(nid)}' dropped: {why}")
+            job.run.log({"phase": "train", "round": rnd, "site": job._name(nid),
+                         "status": "dropped", "reason": f"secure-aggregation set-up: {why}"})
+    nodes = [n for n in nodes if job._name(n) in a.mask_reqs]
+    next_rid = sec.new_round("train", rnd + 1) if rnd < cfg.rounds else None
+    if next_rid:
+        sec.next_train[rnd + 1] = next_rid
+    classes = eval_classes(job)
+    scale = case_scale(job)
+    total_its = cfg.rounds * cfg.local_iterations
+
+    def content(nid: int):
+        req = pm.TrainRequest(
+            round=rnd, job_id=cfg.job_id or job.run.root.name,
+            local_iterations=cfg.local_iterations,
+            global_iteration_start=(rnd - 1) * cfg.local_iterations,
+            global_total_iterations=total_its, plan_hash=job.plan.hash(),
+            proximal_mu=cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
+            seed=cfg.seed, evaluate_first=evaluate_first,
+            secagg=sec.part(mask=a.mask_reqs[job._name(nid)],
+                            advertise=[next_rid] if next_rid else []),
+            max_update_norm=cfg.max_update_norm, case_scale=scale,
+            per_site_metrics=cfg.per_site_metrics,
+            eval_classes=classes if len(layout[1]) > 2 else [],
+        )
+        return pack(req, job.state.weights)
+
+    replies = job._send(nodes, pm.TRAIN, content, timeout=cfg.round_timeout_s)
+    evals = []
+    for nid in nodes:
+        name = job._name(nid)
+        r = replies.get(nid)
+        rec: dict[str, Any] = {"phase": "train", "round": rnd, "site": name,
+                               "bytes_sent": job._sent_bytes.get(nid, 0)}
+        rep, arrays, err = _reply_part(job, nid, r, pm.TrainReply)
+        if err is None:
+            rec["bytes_received"] = payload_bytes(r.content)
+            if rep.secagg is None or rep.secagg.masked is None or pm.SECAGG_VECTOR not in arrays:
+                err = "no masked update in the reply"
+            elif not a.server.add_masked(rep.secagg.masked, arrays[pm.SECAGG_VECTOR]):
+                err = a.server.excluded.get(name, "masked upload refused")
+            if err is not None:
+                rec.update(status="rejected", reason=err)
+                job.log(f"round {rnd}: update from '{name}' rejected: {err}")
+                job.run.log(rec)
+                continue
+            rec.update(status="ok", iterations=rep.iterations, seconds=rep.seconds,
+                       it_per_s=rep.iterations_per_s)
+            if rep.evaluation is not None:
+                evals.append((name, rep.evaluation))
+            if next_rid:
+                sec.take_adverts(next_rid, name, rep.secagg)
+        else:
+            rejected = r is not None and not r.has_error() and "rejected error" in err
+            rec.update(status="rejected" if rejected else "dropped", reason=err)
+            job.log(f"round {rnd}: site '{name}' {rec['status']}: {err}")
+        job.run.log(rec)
+    if evals:
+        job._log_eval(rnd - 1, evals)
+    ok = len(a.server._peers)
+    pooled["sites_ok"] = ok
+    if ok < need:
+        sec.drop(rid)
+        return fail(f"{ok} masked update(s), need {need} (min_sites={cfg.min_sites}, "
+                    f"secure-aggregation threshold {sec.config.threshold}); nothing was unmasked")
+    next_share = prepare_share(job, rnd + 1) if next_rid else None
+    try:
+        res = unmask(job, rid, nodes, next_share)
+    except SecAggAbort as err:
+        _event(job, step="unmask", round_id=rid, status="aborted", reason=str(err))
+        return fail(f"unmasking failed: {err}")
+    n_total = res.num_samples
+    if n_total <= 0:
+        return fail("the summed case count is 0")
+    mean_flat = res.float_sum * (scale / n_total)
+    if not np.isfinite(mean_flat).all():
+        return fail("the unmasked sum is not finite; not applied")
+    mean_delta = {k: v.astype(np.float32) for k, v in agg.unflatten(mean_flat, shapes(job)).items()}
+    job.state.weights = job.opt.step(job.state.weights, mean_delta)
+    if len(layout[1]) > 2:
+        pe = agg.pooled_eval(res.ints, classes)
+        if pe is not None:
+            log_pooled_eval(job, rnd - 1, pe)
+    pooled.update(status="ok", sites_ok=len(res.survivors), loss=agg.pooled_loss(res.ints),
+                  cases=n_total, seconds=round(time.monotonic() - t0, 3),
+                  secagg={"round_id": res.round_id, "survivors": res.survivors,
+                          "dropped": res.dropped, "recovered": bool(res.dropped),
+                          "excluded": res.excluded, "num_clipped": res.num_clipped,
+                          "exchanges": exchanges})
+    job.run.log(pooled)
+    return pooled
+
+
+def log_pooled_eval(job: FederatedJob, after_round: int, pe: dict) -> float:
+    """Pooled-only evaluation record (``per_site_metrics = false``), as ``_log_eval`` writes it."""
+    mean = float(np.mean(list(pe["dice"].values()))) if pe["dice"] else float("nan")
+    job.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": pe["cases"],
+                 "dice": pe["dice"], "hd95": pe["hd95"], "mean_dice": mean,
+                 "secure_aggregation": True})
+    job.run.set_status(latest_dice=mean, latest_eval_round=after_round)
+    if after_round > 0 and mean > job.state.best_dice:
+        job.state.best_dice = mean
+        best = job.run.load_checkpoint("last")
+        if best is not None and best.get("round") == after_round:
+            job.run.save_checkpoint("best", best)
+    return mean
+
+
+def final_evaluation(job: FederatedJob) -> None:
+    """Final evaluation into a secure sum (``per_site_metrics = false``)."""
+    sec: SecureAggregation = job.secure
+    nodes = list(job.active_nodes()) if hasattr(job, "active_nodes") else list(job.sites)
+    classes = eval_classes(job)
+    layout = (0, agg.eval_int_fields(classes))
+    rid = sec.new_round("final-eval", job.state.round)
+    try:
+        nodes = setup(job, rid, nodes, layout, "final evaluation")
+        a = sec.aggs[rid]
+        assert a.mask_reqs is not None and a.server is not None
+        replies = job._send(nodes, pm.EVALUATE, lambda nid: pack(pm.EvalRequest(
+            round=job.state.round, plan_hash=job.plan.hash(), per_site_metrics=False,
+            eval_classes=classes, secagg=sec.part(mask=a.mask_reqs[job._name(nid)]),
+        ), job.state.weights), timeout=job.cfg.round_timeout_s)
+        for nid in nodes:
+            rep, arrays, err = _reply_part(job, nid, replies.get(nid), pm.EvalReply)
+            if err is None and (rep.secagg is None or rep.secagg.masked is None
+                                or not a.server.add_masked(rep.secagg.masked,
+                                                           arrays.get(pm.SECAGG_VECTOR, np.zeros(0)))):
+                err = a.server.excluded.get(job._name(nid), "no masked evaluation")
+            if err is not None:
+                job.run.log({"phase": "eval", "round": job.state.round, "site": job._name(nid),
+                             "status": "dropped", "reason": err})
+        res = unmask(job, rid, nodes)
+    except SecAggAbort as err:
+        _event(job, step="final-eval", round_id=rid, status="aborted", reason=str(err))
+        sec.drop(rid)
+        return
+    pe = agg.pooled_eval(res.ints, classes)
+    if pe is not None:
+        log_pooled_eval(job, job.state.round, pe)

@@ -1,0 +1,240 @@
+"""Secure aggregation wired into the federation, in process (no Flower processes): the
+ClientApp's handlers are called with crafted Messages, the server side is ``SecureAggregation``
+with the real SecAgg server. The crypto itself is covered by test_secagg.py; here: config and
+key files, persisted site state, the forged-key refusal as the server sees it, and that the
+unmasked sum gives the case-weighted mean update, pooled loss and case count."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common import Metadata
+
+from fedseg.client import app as client_app
+from fedseg.privacy import aggregates as agg
+from fedseg.privacy.keys import b64e
+from fedseg.privacy.provision import provision
+from fedseg.privacy.secagg import KeyAdvertisement, ShareKeysRequest
+from fedseg.privacy.site_agent import state_path
+from fedseg.protocol import messages as pm
+from fedseg.protocol.records import pack, unpack
+from fedseg.server.secure_rounds import SecureAggregation
+
+RUN_ID = 4242
+SITES = ["siteA", "siteB", "siteC"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki")
+    provision(out, SITES)
+    return out
+
+
+def _ctx(pki: Path, site: str, tmp: Path) -> Context:
+    nc = {"site": site, "data-dir": str(tmp / site / "data"), "cache-dir": str(tmp / site / "cache"),
+          "identity-key": str(pki / "sites" / site / "identity.key"),
+          "roster": str(pki / "roster.json")}
+    return Context(run_id=RUN_ID, node_id=1, node_config=nc, state=RecordDict(), run_config={})
+
+
+def _site_cfg(pki: Path, site: str, tmp: Path) -> client_app.SiteConfig:
+    return client_app.SiteConfig.from_context(_ctx(pki, site, tmp))
+
+
+def _msg(content: RecordDict, mtype: str, run_id: int = RUN_ID) -> Message:
+    md = Metadata(run_id=run_id, message_id="m", src_node_id=0, dst_node_id=1,
+                  reply_to_message_id="", group_id="", created_at=0.0, ttl=600.0,
+                  message_type=mtype)
+    return Message(content, metadata=md)
+
+
+def _step(pki: Path, tmp: Path, site: str, part: pm.SecAggPart, mtype: str = pm.SHARE_KEYS,
+          run_id: int = RUN_ID) -> Message:
+    handler = client_app.share_keys if mtype == pm.SHARE_KEYS else client_app.unmask
+    msg = _msg(pack(pm.SecAggStepRequest(secagg=part)), mtype, run_id)
+    return handler(msg, _ctx(pki, site, tmp))
+
+
+def _ok(reply: Message) -> pm.SecAggStepReply:
+    assert "error" not in reply.content.config_records, unpack(reply.content, pm.ErrorReply)[0]
+    return unpack(reply.content, pm.SecAggStepReply)[0]
+
+
+def _error(reply: Message) -> pm.ErrorReply:
+    assert "error" in reply.content.config_records
+    return unpack(reply.content, pm.ErrorReply)[0]
+
+
+def _setup(pki: Path, tmp: Path, sec: SecureAggregation, rid: str, layout) -> dict:
+    for s in SITES:
+        sec.take_adverts(rid, s, _ok(_step(pki, tmp, s, sec.part(advertise=[rid]))).secagg)
+    req = sec.share_request(rid, layout)
+    shares = [_ok(_step(pki, tmp, s, sec.part(share_keys=req))).secagg.share_keys for s in SITES]
+    return sec.take_share_replies(rid, shares)
+
+
+def test_site_refuses_a_forged_key_relayed_by_the_server(pki: Path, tmp_path: Path) -> None:
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job1", RUN_ID)
+    rid = sec.new_round("train", 1)
+    adverts = {s: _ok(_step(pki, tmp_path, s, sec.part(advertise=[rid]))).secagg.advertisements[0]
+               for s in SITES}
+    # the server swaps siteB's mask key for one it controls (signature left as it was)
+    forged = KeyAdvertisement(**{**adverts["siteB"].model_dump(), "s_pk": b64e(os.urandom(32))})
+    req = ShareKeysRequest(round_id=rid, advertisements=[adverts["siteA"], forged, adverts["siteC"]])
+    err = _error(_step(pki, tmp_path, "siteA", sec.part(share_keys=req)))
+    assert err.kind == "secagg" and "does not verify against that site's roster key" in err.message
+    # the abort is persisted (0600, keyed by job id): the round stays refused in later processes
+    path = state_path(tmp_path / "siteA" / "cache", "job1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    honest = ShareKeysRequest(round_id=rid, advertisements=list(adverts.values()))
+    err = _error(_step(pki, tmp_path, "siteA", sec.part(share_keys=honest)))
+    assert err.kind == "secagg" and "was aborted" in err.message
+
+
+def test_site_refuses_weak_threshold_and_foreign_round_ids(pki: Path, tmp_path: Path) -> None:
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job2", RUN_ID)
+    weak = sec.params.model_copy(update={"threshold": 1})
+    err = _error(_step(pki, tmp_path, "siteA", pm.SecAggPart(params=weak, advertise=[f"{RUN_ID}/x/1"])))
+    assert err.kind == "secagg" and "threshold must be between 2" in err.message
+    err = _error(_step(pki, tmp_path, "siteA", sec.part(advertise=["999/job2/train1/1"])))
+    assert err.kind == "secagg" and "does not start with this Flower run's id" in err.message
+    err = _error(_step(pki, tmp_path, "siteA", sec.part(advertise=[f"{RUN_ID}/j/1"]), run_id=1))
+    assert err.kind == "secagg" and "belongs to run 1" in err.message
+    # a round id is single-use: after it was answered (or aborted) it cannot be advertised again
+    rid = sec.new_round("train", 1)
+    a1 = _ok(_step(pki, tmp_path, "siteA", sec.part(advertise=[rid]))).secagg.advertisements[0]
+    a2 = _ok(_step(pki, tmp_path, "siteA", sec.part(advertise=[rid]))).secagg.advertisements[0]
+    assert a1 == a2  # idempotent while the round is open (a retried message)
+
+
+def test_secure_round_gives_weighted_mean_pooled_loss_and_count(pki: Path, tmp_path: Path) -> None:
+    from fedseg.client import secure
+
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job3", RUN_ID)
+    shapes = {"w": (4, 5), "b": (5,)}
+    layout = (agg.flat_length(shapes), agg.train_int_fields())
+    rid = sec.new_round("train", 1)
+    mask_reqs = _setup(pki, tmp_path, sec, rid, layout)
+    server = sec.aggs[rid].server
+    rng = np.random.default_rng(0)
+    cases = {"siteA": 8, "siteB": 20, "siteC": 3}
+    losses = {"siteA": 0.9, "siteB": 1.3, "siteC": -0.2}
+    deltas = {s: {k: rng.normal(0, 0.1, sh).astype(np.float32) for k, sh in shapes.items()}
+              for s in SITES}
+    scale = sum(cases.values()) / 3
+    for s in SITES:
+        req = pm.TrainRequest(round=1, job_id="job3", local_iterations=1, global_iteration_start=0,
+                              global_total_iterations=1, plan_hash="h", case_scale=scale,
+                              secagg=sec.part(mask=mask_reqs[s]))
+        msg = _msg(pack(req), pm.TRAIN)
+        reply = secure.train_reply(msg, _site_cfg(pki, s, tmp_path), req, deltas[s], cases[s],
+                                   losses[s], None, 1, 1.0, 1.0)
+        rep, arrays = unpack(reply.content, pm.TrainReply)
+        assert rep.loss is None and rep.num_cases is None  # nothing per-site in clear
+        assert set(arrays) == {pm.SECAGG_VECTOR}
+        assert server.add_masked(rep.secagg.masked, arrays[pm.SECAGG_VECTOR])
+    ureq = server.unmask_request()
+    ureps = [_ok(_step(pki, tmp_path, s, sec.part(unmask=ureq), pm.UNMASK)).secagg.unmask
+             for s in SITES]
+    res = server.unmask(ureps)
+    n = res.num_samples
+    assert n == 31
+    mean = agg.unflatten(res.float_sum * (scale / n), shapes)
+    for k in shapes:
+        want = sum(deltas[s][k].astype(np.float64) * cases[s] for s in SITES) / n
+        np.testing.assert_allclose(mean[k], want, atol=1e-7)
+    want_loss = sum(losses[s] * cases[s] for s in SITES) / n
+    assert agg.pooled_loss(res.ints) == pytest.approx(want_loss, abs=1e-3)
+    assert res.num_clipped == 0
+
+
+def test_site_refuses_its_own_bad_update(pki: Path, tmp_path: Path) -> None:
+    from fedseg.client import secure
+
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job4", RUN_ID)
+    req = pm.TrainRequest(round=1, job_id="job4", local_iterations=1, global_iteration_start=0,
+                          global_total_iterations=1, plan_hash="h", max_update_norm=1.0,
+                          secagg=sec.part())
+    cfg = _site_cfg(pki, "siteA", tmp_path)
+    for bad, why in (({"w": np.full(3, np.nan, np.float32)}, "NaN"),
+                     ({"w": np.full(3, 5.0, np.float32)}, "exceeds the bound")):
+        with pytest.raises(secure.UpdateRefused, match=why):
+            secure.train_reply(_msg(pack(req), pm.TRAIN), cfg, req, bad, 3, 0.5, None, 1, 1.0, 1.0)
+
+
+def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path) -> None:
+    """``secure_rounds.train_round`` over three rounds with an in-process "grid": round 1 sets
+    up its keys (2 exchanges), later rounds only add UNMASK to TRAIN, and a site that dies in
+    round 3 after sharing keys is recovered (its masks removed, the sum over the others)."""
+    from types import SimpleNamespace as NS
+
+    from fedseg.client import secure
+    from fedseg.server import secure_rounds as sr
+    from fedseg.server.aggregate import ServerOptimizer, ServerOptimizerConfig
+    from fedseg.server.job import FederatedJob
+    from fedseg.server.rundir import RunDir
+
+    shapes = {"w": (3, 4), "b": (4,)}
+    cases = {"siteA": 8, "siteB": 20, "siteC": 3}
+    dead: set[int] = set()
+    calls: list[str] = []
+
+    def handle(nid: int, content: RecordDict, mtype: str) -> Message:
+        s = SITES[nid]
+        msg = _msg(content, mtype)
+        if mtype in (pm.SHARE_KEYS, pm.UNMASK):
+            return (client_app.share_keys if mtype == pm.SHARE_KEYS else client_app.unmask)(
+                msg, _ctx(pki, s, tmp_path))
+        req, _ = unpack(content, pm.TrainRequest)
+        delta = {k: np.full(sh, 0.01 * (nid + 1), np.float32) for k, sh in shapes.items()}
+        return secure.train_reply(msg, _site_cfg(pki, s, tmp_path), req, delta, cases[s],
+                                  1.0 + nid, None, 5, 1.0, 5.0)
+
+    def send(nodes, mtype, content_for, timeout):
+        calls.append(mtype)
+        job._sent_bytes = dict.fromkeys(nodes, 1)
+        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in dead}
+
+    cfg = NS(min_sites=2, rounds=3, local_iterations=1, eval_every=1, per_site_metrics=True,
+             job_id="job5", aggregation=ServerOptimizerConfig(), proximal_mu=0.0, seed=0,
+             max_update_norm=None, round_timeout_s=60)
+    job = NS(cfg=cfg, run=RunDir(tmp_path / "run"), log=lambda _: None, _sent_bytes={},
+             plan=NS(hash=lambda: "h", labels={"background": 0, "x": 1}, num_training_cases=31),
+             state=NS(weights={k: np.zeros(sh, np.float32) for k, sh in shapes.items()},
+                      best_dice=-1.0),
+             opt=ServerOptimizer(ServerOptimizerConfig()), sites=dict.fromkeys(range(3)),
+             _name=lambda n: SITES[n], _send=send, _log_eval=lambda *_: None,
+             secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, "job5", RUN_ID))
+    job._reply_error = lambda r: FederatedJob._reply_error(job, r)
+    pooled = []
+    for rnd in (1, 2, 3):
+        if rnd == 3:
+            dead.add(2)
+        pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
+    assert calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.UNMASK,
+                     pm.TRAIN, pm.UNMASK, pm.TRAIN, pm.UNMASK]
+    assert [p["status"] for p in pooled] == ["ok"] * 3
+    assert [p["secagg"]["exchanges"] for p in pooled] == [4, 2, 2]
+    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and pooled[2]["cases"] == 28
+    assert pooled[0]["loss"] == pytest.approx((8 * 1 + 20 * 2 + 3 * 3) / 31, abs=1e-3)
+    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 28
+    np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
+    round_ids = [p["secagg"]["round_id"] for p in pooled]
+    assert len(set(round_ids)) == 3 and all(r.startswith(f"{RUN_ID}/job5/") for r in round_ids)
+
+    # round 4 after a retry-like gap: no keys set up in advance, siteC dies during the set-up
+    # -> logged as a dropped training site, the round runs with the other two
+    cfg.rounds = 4
+    calls.clear()
+    pooled4 = sr.train_round(job, 4, False, [0, 1, 2])
+    assert calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.UNMASK]
+    assert pooled4["status"] == "ok" and pooled4["sites_ok"] == 2
+    recs = job.run.read_metrics()
+    dropped = [r for r in recs if r["phase"] == "train" and r["round"] == 4 and r["site"] == "siteC"]
+    assert dropped and dropped[0]["status"] == "dropped", dropped
