@@ -473,9 +473,16 @@ class FederatedJob:
                           "hd95": e.hd95_per_class,
                           "mean_dice": float(np.mean(list(e.dice_per_class.values()))),
                           "seconds": e.seconds})
-        mean = float(np.mean(list(pooled_dice.values()))) if pooled_dice else float("nan")
-        self.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": tot,
-                      "dice": pooled_dice, "hd95": pooled_hd, "mean_dice": mean})
+        return self.record_pooled_eval(after_round, tot, pooled_dice, pooled_hd)
+
+    def record_pooled_eval(
+        self, after_round: int, cases: int, dice: dict[str, float], hd95: dict[str, float],
+        **extra: Any,
+    ) -> float:
+        """Log the pooled evaluation, update status, keep ``best`` in step; returns mean Dice."""
+        mean = float(np.mean(list(dice.values()))) if dice else float("nan")
+        self.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": cases,
+                      "dice": dice, "hd95": hd95, "mean_dice": mean, **extra})
         self.run.set_status(latest_dice=mean, latest_eval_round=after_round)
         if after_round > 0 and mean > self.state.best_dice:
             self.state.best_dice = mean

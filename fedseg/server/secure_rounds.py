@@ -455,24 +455,15 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
 
 
 def log_pooled_eval(job: FederatedJob, after_round: int, pe: dict) -> float:
-    """Pooled-only evaluation record (``per_site_metrics = false``), as ``_log_eval`` writes it."""
-    mean = float(np.mean(list(pe["dice"].values()))) if pe["dice"] else float("nan")
-    job.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": pe["cases"],
-                 "dice": pe["dice"], "hd95": pe["hd95"], "mean_dice": mean,
-                 "secure_aggregation": True})
-    job.run.set_status(latest_dice=mean, latest_eval_round=after_round)
-    if after_round > 0 and mean > job.state.best_dice:
-        job.state.best_dice = mean
-        best = job.run.load_checkpoint("last")
-        if best is not None and best.get("round") == after_round:
-            job.run.save_checkpoint("best", best)
-    return mean
+    """Pooled-only evaluation record (``per_site_metrics = false``)."""
+    return job.record_pooled_eval(after_round, pe["cases"], pe["dice"], pe["hd95"],
+                                  secure_aggregation=True)
 
 
 def final_evaluation(job: FederatedJob) -> None:
     """Final evaluation into a secure sum (``per_site_metrics = false``)."""
     sec: SecureAggregation = job.secure
-    nodes = list(job.active_nodes()) if hasattr(job, "active_nodes") else list(job.sites)
+    nodes = list(job.active_nodes())
     classes = eval_classes(job)
     layout = (0, agg.eval_int_fields(classes))
     rid = sec.new_round("final-eval", job.state.round)
