@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from fedseg.errors import FedsegError
+from fedseg.errors import run_cli
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -218,14 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FedsegError as err:
-        print(f"fedseg: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("fedseg: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("fedseg", lambda: args.func(args), interrupt_code=130)
 
 
 if __name__ == "__main__":

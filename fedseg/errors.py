@@ -8,6 +8,9 @@ it to stderr and exit non-zero.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class FedsegError(Exception):
     """An error the user can fix; ``str(err)`` is the one-line message shown to them."""
@@ -27,3 +30,18 @@ def first_error(err: Exception) -> tuple[str, str]:
     field = ".".join(str(x) for x in first["loc"]) or "(root)"
     msg = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
     return field, msg
+
+
+def run_cli(prog: str, command: Callable[[], int | None], interrupt_code: int | None = None) -> int:
+    """Run a CLI command: a :class:`FedsegError` becomes ``PROG: error: LINE`` on stderr and its
+    exit code; with ``interrupt_code`` set, Ctrl-C becomes ``PROG: interrupted`` and that code."""
+    try:
+        return int(command() or 0)
+    except FedsegError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if interrupt_code is None:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return interrupt_code

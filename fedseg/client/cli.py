@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedseg.config_io import load_toml
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, run_cli
 from fedseg.runtime.processes import ManagedProcess, flower_env, free_port, supernode_argv
 
 
@@ -174,11 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run_client(_config_from_args(args))
-    except FedsegError as err:
-        print(f"fedseg-client: error: {err}", file=sys.stderr)
-        return err.exit_code
+    return run_cli("fedseg-client", lambda: run_client(_config_from_args(args)))
 
 
 if __name__ == "__main__":

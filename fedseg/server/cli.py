@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, run_cli
 from fedseg.runtime.processes import (
     ManagedProcess,
     pid_alive,
@@ -277,11 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FedsegError as err:
-        print(f"fedseg-server: error: {err}", file=sys.stderr)
-        return err.exit_code
+    return run_cli("fedseg-server", lambda: args.func(args))
 
 
 if __name__ == "__main__":
