@@ -12,12 +12,19 @@ where the services mount it.
 
 docs/deploy.md's walk-through is run command for command: every ```bash block carries a marker
 (``tested``, ``tested: background|server|finished``, ``checked``, ``not tested: why``). The default
-test runs the ``tested`` blocks that need no server and parses all the others; the ``slow`` test
-runs the whole walk-through — server, fleet proxy, registration, three sites, a federated run
-through the proxy, predict/evaluate — as plain processes on 127.0.0.1. The only edits made to
-the documented commands: the public port 9092 and the SuperLink port 9093 become free ports,
-``0.0.0.0`` becomes ``127.0.0.1`` and ``fedseg.example.org:9092`` becomes ``127.0.0.1:<port>``
-(the server certificate is issued for 127.0.0.1 too).
+test runs the ``tested`` blocks that need no server, checks the configurations they write with the
+server's and the site's real security checks, and parses all the other blocks; the ``slow`` test
+runs the whole walk-through — ``fedseg-server`` with its defaults (TLS, SuperNode
+authentication, the roster's sites registered, the fleet proxy on the public port, a signed
+job), three ``fedseg-client`` sites with theirs (CA, identity key, trusted entities, secure
+aggregation required), a federated run through the proxy, predict/evaluate — as plain processes
+on 127.0.0.1. The only edits made to the documented commands: the public port 9092 and the
+SuperLink port 9093 become free ports, ``0.0.0.0`` becomes ``127.0.0.1`` and
+``fedseg.example.org:9092`` becomes ``127.0.0.1:<port>`` (the server certificate is issued for
+127.0.0.1 too).
+
+The example configurations (``deploy/examples``) name every field of ``ServerConfig`` and
+``ClientConfig``, and every field the deploy configs set exists (the models forbid extras).
 
 The fleet proxy is tested with real flower-superlink / flower-supernode processes: a registered
 site joins and answers a run THROUGH it, while the Control API (``flwr ls``, ``flwr supernode
@@ -47,11 +54,19 @@ import pytest
 import yaml
 
 from fedseg.cli import build_parser as fedseg_parser
-from fedseg.client.cli import ClientConfig
+from fedseg.client.cli import ClientConfig, load_client_config, with_pki_defaults
 from fedseg.client.cli import build_parser as client_parser
+from fedseg.client.cli import check_security as client_security
 from fedseg.config_io import load_toml
 from fedseg.privacy.provision import Roster, provision
-from fedseg.privacy.transport import check_identity_key, list_nodes, online_node_ids, register_sites
+from fedseg.privacy.transport import (
+    check_identity_key,
+    check_server_certificate,
+    check_signing_key,
+    list_nodes,
+    online_node_ids,
+    register_sites,
+)
 from fedseg.runtime import fleet_proxy
 from fedseg.runtime.processes import (
     BIN_DIR,
@@ -64,7 +79,9 @@ from fedseg.runtime.processes import (
     write_flwr_connection,
 )
 from fedseg.server.cli import build_parser as server_parser
-from fedseg.server.config import ServerConfig
+from fedseg.server.cli import check_security as server_security
+from fedseg.server.cli import load_server_config
+from fedseg.server.config import SERVER_PKI_FILES, ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -359,7 +376,8 @@ def _compose_argvs(name: str, svc: dict, services: dict) -> list[list[str]]:
 def test_compose_parses_and_every_command_is_real() -> None:
     c = compose()
     services = c["services"]
-    assert {"init", "server", "fleet-proxy", "register", *SITES} <= set(services)
+    # fedseg-server runs the fleet proxy and registers the sites itself: no extra services
+    assert set(services) == {"init", "server", *SITES}
     seen: dict[str, list] = {}
     for name, svc in services.items():
         for argv in _compose_argvs(name, svc, services):
@@ -368,8 +386,6 @@ def test_compose_parses_and_every_command_is_real() -> None:
     init_cmds = {ns.cmd for prog, ns in seen["init"] if prog == "fedseg"}
     assert {"provision", "demo-data", "check-data"} <= init_cmds
     assert seen["server"][0][0] == "fedseg-server" and seen["server"][0][1].cmd == "start"
-    assert seen["fleet-proxy"][0][0] == "fleet_proxy"
-    assert {ns["command"] for _, ns in seen["register"]} == {"register"}
     for s in SITES:
         (prog, ns), = seen[s]
         assert prog == "fedseg-client" and ns.site == s and ns.config
@@ -393,37 +409,37 @@ def _server_cfg(path: Path) -> ServerConfig:
     return load_toml(path, ServerConfig)
 
 
+def _pki_files(srv: ServerConfig) -> dict[str, str]:
+    """Field -> the file the server's security reads (its override, else the pki folder's;
+    ``app_signing_key`` included: the deploy configs sign their jobs)."""
+    assert srv.pki, "the deploy configs take their security files from pki"
+    return {f: getattr(srv, f) or str(Path(srv.pki) / name) for f, name in SERVER_PKI_FILES.items()}
+
+
 def test_compose_ports_match_configs() -> None:
     c = compose()
     services = c["services"]
     srv = _server_cfg(COMPOSE_DIR / "server.toml")
     cli = load_toml(COMPOSE_DIR / "client.toml", ClientConfig)
-    assert srv.host == "127.0.0.1" and srv.port == SUPERLINK_PORT  # SuperLink: loopback only
+    # the fleet proxy on the public port; the SuperLink on loopback (fedseg-server binds it there)
+    assert (srv.host, srv.port, srv.superlink_port) == ("0.0.0.0", PUBLIC_PORT, SUPERLINK_PORT)
+    assert not srv.insecure and srv.pki == "/pki"
     published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
     assert published == {"server": [f"{PUBLIC_PORT}:{PUBLIC_PORT}"]}, published
-    proxy = services["fleet-proxy"]
-    assert proxy["network_mode"] == "service:server"  # shares the SuperLink's loopback
-    assert services["register"]["network_mode"] == "service:server"
-    _, ns = check_invocation(_compose_argvs("fleet-proxy", proxy, services)[0])
-    assert fleet_proxy.parse_hostport(ns.listen) == ("0.0.0.0", PUBLIC_PORT)
-    assert ns.upstream == f"https://127.0.0.1:{srv.port}"
-    assert (ns.certfile, ns.keyfile, ns.upstream_ca) == (srv.tls_certfile, srv.tls_keyfile,
-                                                         srv.tls_ca_certfile)
-    assert not ns.allow_self_registration and not ns.insecure
     host, port = cli.server.rsplit(":", 1)
-    assert host == "server" and int(port) == PUBLIC_PORT
-    # the flwr connection the register service writes points at the SuperLink's loopback port
-    script = services["register"]["command"][0]
-    assert f'address = "127.0.0.1:{srv.port}"' in script
-    # the server certificate covers the name the sites use and the proxy's upstream address
+    assert host == "server" and int(port) == srv.port
+    assert not cli.insecure and cli.pki == "/keys"
+    assert cli.require_secure_aggregation and cli.require_signed_apps
+    # the server certificate covers the name the sites use and the SuperLink's loopback address
     init = services["init"]["command"][0]
     prov = next(a for a in shell_invocations(init) if a[1] == "provision")
     sans = check_invocation(prov)[1].server_san.split(",")
     assert host in sans and "127.0.0.1" in sans
     assert cli.runtime_port == 9094  # the site image's HEALTHCHECK port
     assert dockerfile()[1]["site"].env["FEDSEG_HEALTH_PORT"] == str(cli.runtime_port)  # type: ignore[index]
-    assert dockerfile()[1]["server"].env["FEDSEG_HEALTH_PORT"] == str(srv.port)  # type: ignore[index]
-    assert proxy["environment"]["FEDSEG_HEALTH_PORT"] == str(PUBLIC_PORT)
+    assert dockerfile()[1]["server"].env["FEDSEG_HEALTH_PORT"] == str(srv.superlink_port)  # type: ignore[index]
+    for s in SITES:  # the sites wait for the server's health check (its SuperLink is up)
+        assert services[s]["depends_on"]["server"]["condition"] == "service_healthy"
 
 
 def _mounts(svc: dict) -> dict[str, dict]:
@@ -478,39 +494,64 @@ def test_compose_mounts_match_configs_and_init_fills_them(tmp_path: Path) -> Non
     cfg_path = host_path(srv_svc, "/etc/fedseg/server.toml")
     assert cfg_path.is_file() and _mounts(srv_svc)["/etc/fedseg/server.toml"]["read_only"]
     srv = _server_cfg(cfg_path)
-    for f in (srv.tls_certfile, srv.tls_keyfile, srv.tls_ca_certfile):
+    for f in _pki_files(srv).values():  # everything the server's security takes from pki
         assert host_path(srv_svc, f).is_file(), f
         assert _mounted(_mounts(srv_svc), f)[1]["read_only"], f
-        assert host_path(services["fleet-proxy"], f).is_file(), f  # the proxy reads the same
     state_mount, m = _mounted(_mounts(srv_svc), srv.state_dir)
     assert m["type"] == "volume" and not m["read_only"]
     assert _mounted(_mounts(srv_svc), srv.job.run_dir)[0] == state_mount  # persisted together
-    assert not (host_path(srv_svc, "/pki") / "ca.key").exists()  # the CA key stays with init
+    pki = host_path(srv_svc, srv.pki)  # type: ignore[arg-type]
+    assert sorted(p.name for p in pki.iterdir()) == sorted(SERVER_PKI_FILES.values())  # no ca.key
     roster = Roster.model_validate_json(
         (tmp_path / "vol" / "consortium" / "pki" / "roster.json").read_text())
+    check_server_certificate(pki / "server.pem", pki / "ca.pem")
+    check_signing_key(roster, pki / "app-signing.key")
     for s in SITES:
-        assert host_path(services["register"], f"/pki/sites/{s}.pub").is_file()
         svc = services[s]
         argv = _compose_argvs(s, svc, services)[0]
         ns = check_invocation(argv)[1]
-        cfg = load_toml(host_path(svc, ns.config), ClientConfig)
+        cfg = with_pki_defaults(load_toml(host_path(svc, ns.config), ClientConfig)
+                                .model_copy(update={"site": ns.site}))
         data = host_path(svc, cfg.data_dir)
         assert (data / "dataset.json").is_file(), data
         assert _mounted(_mounts(svc), cfg.data_dir)[1]["read_only"]
-        for f in (cfg.root_certificates, cfg.auth_private_key):
+        for f in (cfg.root_certificates, cfg.auth_private_key, cfg.roster):
             assert host_path(svc, f).is_file(), f  # type: ignore[arg-type]
             assert _mounted(_mounts(svc), f)[1]["read_only"], f  # type: ignore[arg-type]
         # each site mounts ITS OWN key and nobody else's
         check_identity_key(roster, s, host_path(svc, cfg.auth_private_key))  # type: ignore[arg-type]
-        keys_dir = host_path(svc, str(Path(cfg.auth_private_key).parent))  # type: ignore[arg-type]
+        keys_dir = host_path(svc, cfg.pki)  # type: ignore[arg-type]
         assert sorted(p.name for p in keys_dir.iterdir()) == ["ca.pem", "identity.key", "roster.json"]
         assert not _mounted(_mounts(svc), cfg.cache_dir)[1]["read_only"]
+        # the site's real start-up checks (key vs roster, CA vs roster) pass on these files
+        local = cfg.model_copy(update={"pki": str(keys_dir), "root_certificates": None,
+                                       "auth_private_key": None, "roster": None})
+        client_security(local, f"compose {s}")
     # a second run of init (docker compose up again) keeps the keys and succeeds
     before = (tmp_path / "vol" / "consortium" / "pki" / "ca.pem").read_bytes()
     res = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=300,
                          env=_env(), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "vol" / "consortium" / "pki" / "ca.pem").read_bytes() == before
+
+
+def test_example_configs_name_every_field() -> None:
+    """deploy/examples documents every option of server.toml and client.toml (set or commented
+    out), and nothing the code does not accept (the loaders forbid unknown fields)."""
+    from fedseg.client.cli import load_client_config as load_client
+
+    for path, model in ((DEPLOY / "examples" / "server.toml", ServerConfig),
+                        (DEPLOY / "examples" / "client.toml", ClientConfig)):
+        text = path.read_text()
+        for name in model.model_fields:
+            if name != "job":
+                assert re.search(rf"^#?\s*{name}\s*=", text, re.M), f"{path.name}: {name} missing"
+        commented = re.findall(r"^#\s*(\w+)\s*=\s*(.+?)\s*(?:#.*)?$", text, re.M)
+        for name, _ in commented:  # a commented-out option is a real one too
+            assert name in model.model_fields or name in ServerConfig.model_fields["job"].annotation \
+                .model_fields, f"{path.name}: '{name}' is not an option"  # type: ignore[union-attr]
+    load_server_config(DEPLOY / "examples" / "server.toml")
+    load_client(DEPLOY / "examples" / "client.toml")
 
 
 # =============================================================================== kubernetes
@@ -606,7 +647,10 @@ def test_k8s_server_statefulset_service_networkpolicy() -> None:
     assert sts["spec"]["replicas"] == 1
     srv_cfg_text = generated["fedseg-server-config"]["server.toml"]
     srv = ServerConfig.model_validate(tomllib.loads(srv_cfg_text))
-    assert srv.host == "127.0.0.1" and srv.port == SUPERLINK_PORT and not srv.insecure
+    assert (srv.host, srv.port, srv.superlink_port) == ("0.0.0.0", PUBLIC_PORT, SUPERLINK_PORT)
+    assert not srv.insecure and srv.pki
+    # fedseg-server runs the proxy and registers the sites itself: one container
+    assert set(containers) == {"server"}
     server = containers["server"]
     ns = check_invocation(_k8s_argvs(server)[0])[1]
     cfg_mount, cfg_vol = _volume_of(pod, server, ns.config)
@@ -617,22 +661,22 @@ def test_k8s_server_statefulset_service_networkpolicy() -> None:
     for p in (srv.state_dir, srv.job.run_dir):
         m, v = _volume_of(pod, server, p)
         assert v.get("claimTemplate") and m["name"] in claims, p
-    # TLS files from the Secret, read-only; key names = the file names the config uses
-    for f in (srv.tls_certfile, srv.tls_keyfile, srv.tls_ca_certfile):
+    # every pki file from the Secret, read-only; key names = the file names the config uses
+    keys = set()
+    for f in _pki_files(srv).values():
         m, v = _volume_of(pod, server, f)
         assert m.get("readOnly") and v["secret"]["secretName"] == "fedseg-server-tls", f
-    proxy = containers["fleet-proxy"]
-    pns = check_invocation(_k8s_argvs(proxy)[0])[1]
-    assert pns.upstream == f"https://127.0.0.1:{srv.port}"
-    assert (pns.certfile, pns.keyfile, pns.upstream_ca) == (srv.tls_certfile, srv.tls_keyfile,
-                                                            srv.tls_ca_certfile)
-    for f in (pns.certfile, pns.keyfile, pns.upstream_ca):
-        assert _volume_of(pod, proxy, f)[0].get("readOnly")
-    listen = fleet_proxy.parse_hostport(pns.listen)[1]
+        keys.add(f[len(m["mountPath"]):].lstrip("/"))
+    assert keys == set(SERVER_PKI_FILES.values())
+    docs = DOCS.read_text()
+    for key in keys:  # the documented 'kubectl create secret' makes exactly these keys
+        assert re.search(rf"create secret generic fedseg-server-tls.*--from-file={re.escape(key)}=",
+                         docs), key
+    assert "fedseg-site-keys" not in docs
     ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
-    assert listen == PUBLIC_PORT and ports == {"fleet": listen}  # nothing but the proxy's port
-    register = containers["register"]
-    assert f'address = "127.0.0.1:{srv.port}"' in register["args"][0]
+    assert ports == {"fleet": srv.port}  # nothing but the fleet proxy's port
+    assert str(srv.superlink_port) in server["livenessProbe"]["exec"]["command"][-1]
+    assert server["readinessProbe"]["tcpSocket"]["port"] == "fleet"
     svc = next(d for d in resources if d["kind"] == "Service")
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(PUBLIC_PORT, "fleet")]
     assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
@@ -660,31 +704,34 @@ def test_k8s_site_deployment_gpu_secrets_networkpolicy() -> None:
     ns = check_invocation(_k8s_argvs(site)[0])[1]
     _, cfg_vol = _volume_of(pod, site, ns.config)
     assert cfg_vol["configMap"]["name"] == "fedseg-client-config"
-    cfg = ClientConfig.model_validate(tomllib.loads(generated["fedseg-client-config"]["client.toml"]))
-    assert cfg.site and not cfg.insecure
+    given = ClientConfig.model_validate(tomllib.loads(generated["fedseg-client-config"]["client.toml"]))
+    assert given.site and given.pki and not given.insecure
+    assert given.require_secure_aggregation and given.require_signed_apps
+    cfg = with_pki_defaults(given)
     m, v = _volume_of(pod, site, cfg.data_dir)
     assert m.get("readOnly") and v["persistentVolumeClaim"]["readOnly"]
     assert v["persistentVolumeClaim"]["claimName"] == "fedseg-site-data"
     m, v = _volume_of(pod, site, cfg.cache_dir)
     pvcs = {d["metadata"]["name"] for d in resources if d["kind"] == "PersistentVolumeClaim"}
     assert v["persistentVolumeClaim"]["claimName"] in pvcs and not m.get("readOnly")
-    secrets = {}
-    for f in (cfg.root_certificates, cfg.auth_private_key):
+    secrets, maps = {}, {}
+    for f in (cfg.root_certificates, cfg.auth_private_key, cfg.roster):
         m, v = _volume_of(pod, site, f)  # type: ignore[arg-type]
         assert m.get("readOnly"), f
         rel = f[len(m["mountPath"]):].lstrip("/")  # type: ignore[index]
         for src in v["projected"]["sources"]:
-            for item in src.get("secret", {}).get("items", []):
-                if item["path"] == rel:
-                    secrets[src["secret"]["name"]] = item["key"]
+            for kind, found in (("secret", secrets), ("configMap", maps)):
+                for item in src.get(kind, {}).get("items", []):
+                    if item["path"] == rel:
+                        assert not src[kind].get("optional"), src  # the site needs all three
+                        found[src[kind]["name"]] = item["key"]
     assert secrets == {"fedseg-ca": "ca.pem", "fedseg-site-identity": "identity.key"}
+    assert maps == {"fedseg-roster": "roster.json"}
     # the documented 'kubectl create secret' commands create exactly these names and keys
     docs = DOCS.read_text()
     for name, key in secrets.items():
         assert re.search(rf"create secret generic {name} --from-file={re.escape(key)}=", docs)
-    for key in ("server.pem", "server.key", "ca.pem"):
-        assert re.search(rf"create secret generic fedseg-server-tls.*--from-file={key}=", docs)
-    assert "create configmap fedseg-site-keys" in docs
+    assert re.search(r"create configmap fedseg-roster --from-file=roster\.json=", docs)
     # network: nothing in, out only to the server's fleet port (+ DNS)
     netpol = next(d for d in resources if d["kind"] == "NetworkPolicy")
     assert netpol["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
@@ -726,6 +773,7 @@ def doc_blocks() -> list[Block]:
 
 def _substitute(text: str, public: int, superlink: int) -> str:
     text = text.replace(f"0.0.0.0:{PUBLIC_PORT}", f"127.0.0.1:{public}")
+    text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"')
     text = text.replace(f"fedseg.example.org:{PUBLIC_PORT}", f"127.0.0.1:{public}")
     text = re.sub(rf"\b{SUPERLINK_PORT}\b", str(superlink), text)
     return re.sub(rf"\b{PUBLIC_PORT}\b", str(public), text)
@@ -772,7 +820,8 @@ def test_docs_every_block_is_marked_and_every_command_parses() -> None:
 
 def test_docs_walkthrough_without_server(tmp_path: Path) -> None:
     """Every ``tested`` block that needs no running server, executed in order; then the files it
-    wrote are the configs the background commands and the server-side blocks use."""
+    wrote are the configs the background commands use, and they pass the server's and the
+    sites' real start-up security checks (certificate, CA, roster, keys, signing key)."""
     public, superlink = free_port(), free_port()
     blocks = doc_blocks()
     for b in blocks:
@@ -780,25 +829,29 @@ def test_docs_walkthrough_without_server(tmp_path: Path) -> None:
             _bash(b, tmp_path, public, superlink)
     roster = Roster.model_validate_json((tmp_path / "pki" / "roster.json").read_text())
     assert set(roster.sites) == set(SITES)
-    server_cmd, proxy_cmd = _background_argvs(
-        next(b for b in blocks if b.kind == "background"), public, superlink)
+    background = [b for b in blocks if b.kind == "background"]
+    (server_cmd,) = _background_argvs(background[0], public, superlink)
     ns = check_invocation(server_cmd)[1]
-    srv = _server_cfg(tmp_path / ns.config)
-    assert srv.port == superlink and srv.host == "127.0.0.1"
-    for f in (srv.tls_certfile, srv.tls_keyfile, srv.tls_ca_certfile):
-        assert (tmp_path / f).is_file(), f  # type: ignore[operator]
-    pns = check_invocation(proxy_cmd)[1]
-    assert pns.upstream == f"https://127.0.0.1:{superlink}"
-    assert fleet_proxy.parse_hostport(pns.listen) == ("127.0.0.1", public)
-    sites = [check_invocation(a)[1] for a in _background_argvs(
-        [b for b in blocks if b.kind == "background"][1], public, superlink)]
+    srv = load_server_config(tmp_path / ns.config)
+    assert (srv.host, srv.port, srv.superlink_port) == ("127.0.0.1", public, superlink)
+    assert srv.pki and not srv.insecure
+    resolved, sec = server_security(srv, ns.config)
+    assert sec.ssl is not None and sec.signing is not None and sec.roster == roster
+    for field in SERVER_PKI_FILES:
+        assert Path(getattr(resolved, field)).is_file(), field
+    sites = [check_invocation(a)[1] for a in _background_argvs(background[1], public, superlink)]
     assert len(sites) == 3
     for ns in sites:
-        cfg = load_toml(tmp_path / ns.config, ClientConfig)
+        cfg = load_client_config(tmp_path / ns.config)
         assert cfg.server == f"127.0.0.1:{public}"
         assert (tmp_path / cfg.data_dir / "dataset.json").is_file()
-        check_identity_key(roster, cfg.site, tmp_path / cfg.auth_private_key)  # type: ignore[operator]
-        assert (tmp_path / cfg.root_certificates).read_bytes() == (tmp_path / "pki" / "ca.pem").read_bytes()  # type: ignore[operator]
+        checked = client_security(cfg, ns.config, tmp_path / "cache" / cfg.site)
+        check_identity_key(roster, cfg.site, checked.auth_private_key)  # type: ignore[arg-type]
+        assert Path(checked.auth_private_key).parent.name == cfg.site  # type: ignore[arg-type]
+        assert (Path(checked.root_certificates).read_bytes()  # type: ignore[arg-type]
+                == (tmp_path / "pki" / "ca.pem").read_bytes())
+        trusted = yaml.safe_load(Path(checked.trusted_entities).read_text())  # type: ignore[arg-type]
+        assert trusted == {roster.app_signing.key_id: roster.app_signing.public_key}
 
 
 def _stop(procs: list[ManagedProcess]) -> None:
@@ -825,8 +878,7 @@ def test_docs_walkthrough_federation(tmp_path: Path) -> None:
                 _bash(b, tmp_path, public, superlink)
             elif b.kind == "background":
                 for argv in _background_argvs(b, public, superlink):
-                    name = Path(argv[0]).name + "-" + (Path(argv[-1]).stem if argv[-1].endswith(".toml")
-                                                       else "proxy")
+                    name = Path(argv[0]).name + "-" + Path(argv[-1]).stem
                     p = ManagedProcess(name, argv, tmp_path / "logs" / f"{name}.log", _env(),
                                        cwd=tmp_path).start()
                     procs.append(p)
@@ -850,10 +902,19 @@ def test_docs_walkthrough_federation(tmp_path: Path) -> None:
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         train = [r for r in recs if r["phase"] == "train" and r["site"] != "pooled"]
         assert {r["site"] for r in train} == set(SITES) and all(r["status"] == "ok" for r in train)
+        assert all("loss" not in r and "cases" not in r for r in train)  # secure aggregation
         scores = json.loads((tmp_path / "pred" / "siteA-metrics.json").read_text())
         assert "mean" in scores
-        proxy_log = next(p for p in procs if p.name.endswith("proxy")).log_path.read_text()
+        logs = tmp_path / "server-state" / "logs"
+        proxy_log = (logs / "fleet-proxy.log").read_text() if (logs / "fleet-proxy.log").exists() else ""
         assert "refused" not in proxy_log, proxy_log[-2000:]  # the sites used only Fleet routes
+        registered = json.loads((tmp_path / "server-state" / "node_ids.json").read_text())
+        assert set(registered) == set(SITES)
+        out = server.log_path.read_text()
+        assert "TLS, SuperNode authentication" in out and "job signed" in out, out[-2000:]
+        for s in SITES:  # each site ran the signed job with its defaults
+            client_out = next(p for p in procs if p.name.endswith(s)).log_path.read_text()
+            assert "signed apps only, secure aggregation required" in client_out, client_out
     finally:
         _stop(procs)
 
@@ -944,8 +1005,9 @@ def query(msg: Message, context: Context) -> Message:
 
 
 class Fleet:
-    """SuperLink (TLS, no --enable-supernode-auth: as fedseg-server starts it today) on loopback,
-    the fleet proxy in front of it, hospitalA's key registered, hospitalB's not."""
+    """SuperLink (TLS, --enable-supernode-auth: as fedseg-server starts it) on loopback, the
+    fleet proxy in front of it as a process of its own, hospitalA's key registered, hospitalB's
+    not. (``fedseg-server``'s own proxy is tested in test_transport_security.py.)"""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -970,7 +1032,8 @@ class Fleet:
             "flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
             "--database", ":flwr-in-memory:", "--disable-runtime-dependency-installation",
             "--ssl-certfile", str(p / "server.pem"), "--ssl-keyfile", str(p / "server.key"),
-            "--ssl-ca-certfile", str(p / "ca.pem")], flower_env(self.root / "superlink-home"))
+            "--ssl-ca-certfile", str(p / "ca.pem"), "--enable-supernode-auth"],
+            flower_env(self.root / "superlink-home"))
         self.proxy = self._spawn("proxy", [
             sys.executable, *PROXY_MODULE, "--listen", f"127.0.0.1:{self.public}",
             "--upstream", f"https://127.0.0.1:{self.port}", "--certfile", str(p / "server.pem"),

@@ -22,6 +22,8 @@ from fedseg.privacy.app_registry import sign_fab, verify_fab
 from fedseg.privacy.provision import check_ca_matches, load_roster, provision
 from fedseg.privacy.transport import (
     check_identity_key,
+    check_server_certificate,
+    check_signing_key,
     superlink_security_args,
     supernode_security_args,
     trusted_entities_file,
@@ -242,6 +244,25 @@ def test_ca_fingerprint_in_roster(pki: Path, other: Path) -> None:
     check_ca_matches(roster, pki / "ca.pem")
     with pytest.raises(FedsegError, match="not the consortium's"):
         check_ca_matches(roster, other / "ca.pem")
+
+
+def test_start_up_checks_of_certificate_and_signing_key(pki: Path, other: Path) -> None:
+    """What fedseg-server checks before it starts: its certificate is the CA's and names
+    127.0.0.1 (where the fleet proxy and the flwr CLI reach the SuperLink); its app-signing key
+    is the roster's (the key the sites trust)."""
+    check_server_certificate(pki / "server.pem", pki / "ca.pem")
+    with pytest.raises(FedsegError, match="not issued by the CA"):
+        check_server_certificate(pki / "server.pem", other / "ca.pem")
+    with pytest.raises(FedsegError, match="no subject alternative name 127.0.0.1"):
+        check_server_certificate(other / "server.pem", other / "ca.pem")  # SAN: localhost only
+    with pytest.raises(FedsegError, match="not a PEM certificate"):
+        check_server_certificate(pki / "roster.json", pki / "ca.pem")
+    roster = load_roster(pki)
+    check_signing_key(roster, pki / "app-signing.key")
+    with pytest.raises(FedsegError, match="not the consortium's app-signing key"):
+        check_signing_key(roster, other / "app-signing.key")
+    with pytest.raises(FedsegError, match="must be Ed25519"):
+        check_signing_key(roster, pki / "sites" / "hospitalA" / "identity.key")
 
 
 def test_cli_provision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

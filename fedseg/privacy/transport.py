@@ -13,17 +13,24 @@ Checked against the installed flwr 1.42 and real processes on loopback
   unregistered key exits at once (status 1, log "Exit Code: 305 ... Failed to activate
   SuperNode"); a wrong CA exits at once the same way (CERTIFICATE_VERIFY_FAILED). Flower retries
   neither (HTTP 412 and TLS errors are not retryable).
+
+``fedseg-server`` and ``fedseg-client`` apply all of this by default from the provisioning folder
+(docs/security-notes.md §6); the start-up checks here (:func:`check_server_certificate`,
+:func:`check_signing_key`, :func:`check_identity_key`) turn a wrong file into one line before any
+process starts, instead of a site that cannot connect.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -101,6 +108,46 @@ def check_identity_key(roster: Roster, site: str, key_path: Path | str) -> None:
     if got.decode().strip() != want:
         raise FedsegError(f"{p}: this key is not the one the consortium roster lists for "
                           f"site '{site}'")
+
+
+def check_server_certificate(certfile: Path | str, ca_certfile: Path | str,
+                             loopback: str = "127.0.0.1") -> None:
+    """Fail early (one line) unless ``certfile`` was issued by ``ca_certfile`` and names
+    ``loopback``: the SuperLink listens on 127.0.0.1 only, and the fleet proxy and the ``flwr``
+    CLI verify it there against the CA (a mismatch would otherwise show up as every site's
+    requests failing with 502)."""
+    certs = {}
+    for name, p in (("certificate", Path(certfile)), ("CA certificate", Path(ca_certfile))):
+        try:
+            certs[name] = x509.load_pem_x509_certificate(p.read_bytes())
+        except (OSError, ValueError) as err:
+            raise FedsegError(f"{p}: not a PEM {name} ({err})") from None
+    cert, ca = certs["certificate"], certs["CA certificate"]
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise FedsegError(f"{certfile}: not issued by the CA {ca_certfile}; use the server.pem "
+                          "and ca.pem of one 'fedseg provision' run") from None
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = x509.SubjectAlternativeName([])
+    if ipaddress.ip_address(loopback) not in sans.get_values_for_type(x509.IPAddress):
+        raise FedsegError(f"{certfile}: has no subject alternative name {loopback}, where the fleet "
+                          "proxy and the flwr CLI reach the SuperLink; provision again with "
+                          f"--server-san PUBLIC_NAME,{loopback}")
+
+
+def check_signing_key(roster: Roster, key_path: Path | str) -> None:
+    """Fail early (one line) if ``key_path`` is not the consortium's app-signing key: the sites
+    trust only the roster's key (``--trusted-entities``) and would refuse every run it signs."""
+    from fedseg.privacy.app_registry import load_signing_key
+    from fedseg.privacy.provision import openssh_public
+
+    got = openssh_public(load_signing_key(key_path).public_key()).split()[:2]
+    if got != roster.app_signing.public_key.split()[:2]:
+        raise FedsegError(f"{key_path}: not the consortium's app-signing key (roster key id "
+                          f"{roster.app_signing.key_id}); the sites would refuse every run it signs")
 
 
 def register_sites(

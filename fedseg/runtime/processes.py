@@ -267,7 +267,10 @@ def supernode_argv(
     auth_private_key: Path | None = None,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    trusted_entities: Path | None = None,
 ) -> list[str]:
+    """``flower-supernode`` argv. ``trusted_entities``: YAML of the Ed25519 app-signing keys
+    whose signed app bundles this node runs (any other bundle is refused)."""
     argv = [
         "flower-supernode",
         "--superlink", superlink,
@@ -280,6 +283,8 @@ def supernode_argv(
         argv += ["--root-certificates", str(root_certificates)]
     if auth_private_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_private_key)]
+    if trusted_entities is not None:
+        argv += ["--trusted-entities", str(trusted_entities)]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:

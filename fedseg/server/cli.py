@@ -3,7 +3,18 @@
 ``start --config server.toml`` supervises ``flower-superlink`` (state database on disk, runtime
 dependency installs off, telemetry off), submits the fedseg job with ``flwr run`` and shows its
 progress until it is done; the config is saved as ``RUN_DIR/server.json`` (paths made absolute).
-``resume RUN_DIR`` continues a crashed or stopped job from ``RUN_DIR/checkpoints/last.pt``:
+
+Secure by default, from the provisioning folder ``pki`` (``fedseg provision``): the SuperLink
+serves TLS with ``--enable-supernode-auth`` and listens on 127.0.0.1 ONLY; every site of the
+roster has its public key registered (``flwr supernode register``, idempotent); the public
+address ``host:port`` is the fleet proxy (:mod:`fedseg.runtime.fleet_proxy`), which forwards the
+SuperNode API (``/v1/fleet/``) and nothing else, so the run-submission (Control) API is never
+reachable from the sites' side; the job is submitted as an app bundle signed with the
+consortium's app-signing key (through :class:`~fedseg.privacy.app_registry.AppRegistry`, since
+``flwr run ./app`` cannot carry signatures), the only kind the sites run. ``insecure = true``
+(plain HTTP, no authentication, the proxy lets SuperNodes self-register) is refused unless
+``host`` is a loopback address.
+``resume RUN_DIR`` continues a crashed or stopped job from ``RUN_DIR/checkpoints/last.npz``:
 Flower itself has no resume, so a NEW Flower run picks up our checkpoint (rounds continue, the
 plan and the server optimiser's state are restored). ``status RUN_DIR`` prints where a job stands
 (and says "interrupted" when it claims to run but no server process is alive); ``stop RUN_DIR``
@@ -20,17 +31,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from fedseg.errors import FedsegError, run_cli
 from fedseg.runtime.processes import (
     ManagedProcess,
+    free_port,
     pid_alive,
     superlink_argv,
     wait_for_port,
@@ -39,7 +56,12 @@ from fedseg.runtime.processes import (
 from fedseg.server.config import ServerConfig, load_toml
 from fedseg.server.rundir import RunDir
 
+if TYPE_CHECKING:
+    from fedseg.privacy.provision import Roster
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SUPERLINK_HOST = "127.0.0.1"  # the SuperLink never listens elsewhere: only the fleet proxy is public
+CONNECTION = "fedseg"  # the flwr CLI connection fedseg-server writes into STATE_DIR/.flwr
 
 
 def load_server_config(path: str | Path) -> ServerConfig:
@@ -52,35 +74,87 @@ def load_server_config(path: str | Path) -> ServerConfig:
     def absolute(v: str | None) -> str | None:
         return v if not v else str((base / Path(v).expanduser()).resolve())
 
-    cfg.state_dir = absolute(cfg.state_dir)  # type: ignore[assignment]
-    cfg.tls_certfile = absolute(cfg.tls_certfile)
-    cfg.tls_keyfile = absolute(cfg.tls_keyfile)
-    cfg.tls_ca_certfile = absolute(cfg.tls_ca_certfile)
-    cfg.job.run_dir = absolute(cfg.job.run_dir)  # type: ignore[assignment]
-    cfg.job.roster = absolute(cfg.job.roster)
+    for key in ("state_dir", "pki", "tls_certfile", "tls_keyfile", "tls_ca_certfile", "roster",
+                "app_signing_key"):
+        setattr(cfg, key, absolute(getattr(cfg, key)))
+    for key in ("run_dir", "roster", "plan_file"):  # the job's paths (those it has)
+        if key in type(cfg.job).model_fields:
+            setattr(cfg.job, key, absolute(getattr(cfg.job, key)))
     return cfg
 
 
-def _check_tls(cfg: ServerConfig, source: str) -> tuple[Path, Path, Path] | None:
-    if cfg.insecure:
-        if cfg.host not in LOOPBACK:
-            raise FedsegError(
-                f"{source}: field 'insecure': only allowed on loopback (host is {cfg.host}); "
-                "configure tls_certfile/tls_keyfile/tls_ca_certfile"
-            )
-        return None
-    paths = {"tls_certfile": cfg.tls_certfile, "tls_keyfile": cfg.tls_keyfile,
-             "tls_ca_certfile": cfg.tls_ca_certfile}
-    missing = [k for k, v in paths.items() if not v]
-    if missing:
-        raise FedsegError(
-            f"{source}: field '{missing[0]}': TLS is on by default and needs tls_certfile, "
-            "tls_keyfile and tls_ca_certfile; or set insecure = true for a loopback-only trial"
-        )
-    for k, v in paths.items():
-        if not Path(v).is_file():  # type: ignore[arg-type]
-            raise FedsegError(f"{source}: field '{k}': {v}: file not found")
-    return tuple(Path(v) for v in paths.values())  # type: ignore[return-value]
+@dataclass
+class Security:
+    """What ``serve`` runs with, checked before anything starts."""
+
+    ssl: tuple[Path, Path, Path] | None  # server cert, key, CA; None: insecure loopback trial
+    roster: Roster | None  # every site in it is registered (SuperNode authentication)
+    signing: tuple[Path, str] | None  # app-signing key and its roster key id; None: unsigned
+
+
+def check_security(given: ServerConfig, source: str) -> tuple[ServerConfig, Security]:
+    """Resolve the security files (``pki`` + overrides) and check them; every problem is one
+    line naming ``source`` and the field."""
+    from fedseg.privacy.provision import check_ca_matches, load_roster
+    from fedseg.privacy.transport import check_server_certificate, check_signing_key
+
+    cfg = given.with_pki_defaults()
+
+    def field(name: str) -> str:  # the field a user would fix: the override, or pki
+        return name if getattr(given, name) is not None or not given.pki else "pki"
+
+    def fail(name: str, msg: str) -> FedsegError:
+        return FedsegError(f"{source}: field '{name}': {msg}")
+
+    def need_file(name: str) -> Path:
+        p = Path(getattr(cfg, name))
+        if not p.is_file():
+            raise fail(field(name), f"{p}: file not found")
+        return p
+
+    def checked(name: str, check: Callable[[], None]) -> None:  # a check raising FedsegError
+        try:
+            check()
+        except FedsegError as err:
+            raise fail(field(name), str(err)) from None
+
+    if cfg.insecure and cfg.host not in LOOPBACK:
+        raise fail("insecure", f"only allowed on loopback (host is {cfg.host}); TLS and "
+                   "SuperNode authentication come from pki = 'PKI/' (from 'fedseg provision')")
+    ssl = None
+    if not cfg.insecure:
+        tls = ("tls_certfile", "tls_keyfile", "tls_ca_certfile")
+        if not cfg.pki and not any(getattr(cfg, k) for k in tls):
+            raise fail("pki", "not set; TLS and SuperNode authentication are on by default and "
+                       "need the folder from 'fedseg provision' (pki = 'PKI/'); insecure = true "
+                       "only for a trial on loopback")
+        for k in tls:
+            if not getattr(cfg, k):
+                raise fail(k, "not set (and no pki folder to take it from)")
+        ssl = tuple(need_file(k) for k in tls)
+        checked("tls_ca_certfile" if given.tls_ca_certfile else "tls_certfile",
+                lambda: check_server_certificate(ssl[0], ssl[2], SUPERLINK_HOST))
+        if not cfg.roster:
+            raise fail("roster", "not set; SuperNode authentication registers every site of the "
+                       "consortium roster: set pki = 'PKI/' or roster = 'PKI/roster.json'")
+    roster = None
+    if cfg.roster:
+        path = need_file("roster")
+        try:
+            roster = load_roster(path)
+        except FedsegError as err:
+            raise fail(field("roster"), str(err)) from None
+        if ssl is not None:
+            checked("tls_ca_certfile", lambda: check_ca_matches(roster, ssl[2]))
+    signing = None
+    if cfg.app_signing_key:
+        key = need_file("app_signing_key")
+        if roster is None:
+            raise fail("app_signing_key", "signing needs the roster (its key id); set pki or "
+                       "roster")
+        checked("app_signing_key", lambda: check_signing_key(roster, key))
+        signing = (key, roster.app_signing.key_id)
+    return cfg, Security(ssl, roster, signing)  # type: ignore[arg-type]
 
 
 def _running_server(state: Path) -> int | None:
@@ -93,19 +167,60 @@ def _running_server(state: Path) -> int | None:
     return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
+def _check_free(host: str, port: int, what: str) -> None:
+    """Fail in one line, before anything starts, if ``host:port`` cannot be listened on."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and Flower do
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise FedsegError(f"{what}: cannot listen on {host}:{port} ({err.strerror}); another "
+                              "process uses it (a fedseg-server still running?)") from None
+
+
+def _proxy_log(path: Path) -> logging.Handler:
+    """The fleet proxy's log (refused requests, upstream errors) goes to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s fleet-proxy %(levelname)s %(message)s"))
+    log = logging.getLogger("fedseg.fleet_proxy")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
 def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 3600,
           source: str = "server config") -> int:
-    """Start the SuperLink, submit the job, follow it; stop everything on exit.
+    """Start the SuperLink (127.0.0.1 only) and the fleet proxy (the public address), register
+    the roster's sites, submit the job (signed), follow it; stop everything on exit.
 
-    The SuperLink keeps its state in ``STATE_DIR/superlink.db``. After a crash the same file is
-    opened again: SuperNodes that kept retrying are recognised under their old node ids, the
-    crashed Flower run is left behind as failed, and our job continues as a NEW Flower run from
-    ``RUN_DIR/checkpoints/last.pt`` (Flower has no resume of its own)."""
+    The SuperLink keeps its state in ``STATE_DIR/superlink.db`` (site registrations included).
+    After a crash the same file is opened again: SuperNodes that kept retrying are recognised
+    under their old node ids, registering the roster again is a no-op, the crashed Flower run is
+    left behind as failed, and our job continues as a NEW Flower run from
+    ``RUN_DIR/checkpoints/last.npz`` (Flower has no resume of its own)."""
+    from fedseg.privacy.app_registry import (
+        AppRegistry,
+        build_fab,
+        sign_fab,
+        superlink_registry_env,
+    )
+    from fedseg.privacy.provision import load_roster
+    from fedseg.privacy.transport import register_sites, save_node_ids
+    from fedseg.runtime.fab import write_app_dir
+    from fedseg.runtime.fleet_proxy import FleetProxy
     from fedseg.simulate import Federation, follow, interrupt_on_sigterm
 
+    cfg, sec = check_security(cfg, source)
+    if cfg.superlink_port == cfg.port:
+        raise FedsegError(f"{source}: field 'superlink_port': {cfg.port} is the public port "
+                          "(the fleet proxy's); the SuperLink needs another one")
+    _check_free(cfg.host, cfg.port, f"{source}: field 'port'")
+    if cfg.superlink_port:
+        _check_free(SUPERLINK_HOST, cfg.superlink_port, f"{source}: field 'superlink_port'")
     state = Path(cfg.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    ssl = _check_tls(cfg, source)
     other = _running_server(state)
     if other is not None:
         raise FedsegError(f"a fedseg-server (pid {other}) is already running for {state}; "
@@ -114,33 +229,62 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
     if not job.job_id:
         job.job_id = Path(job.run_dir).name
     if job.secure_aggregation:  # on by default: fail now, not after the SuperLink started
-        from fedseg.privacy.provision import load_roster
-
+        job.roster = job.roster or cfg.roster
         if not job.roster:
             raise FedsegError(f"{source}: secure aggregation is on (the default) but [job] has no "
-                              "roster; set roster = 'PKI/roster.json' (from 'fedseg provision') "
+                              "roster; set pki = 'PKI/' (from 'fedseg provision'), [job] roster, "
                               "or secure_aggregation = false")
         load_roster(job.roster)
+    ssl = sec.ssl
+    port = cfg.superlink_port or free_port(SUPERLINK_HOST)
     run = RunDir(job.run_dir)
     fed = Federation(state, [], device="auto")
-    fed.port = cfg.port
+    fed.port = port
+    registry = AppRegistry(SUPERLINK_HOST) if sec.signing else None
     fed.superlink = ManagedProcess(
         "flower-superlink",
-        superlink_argv(cfg.port, host=cfg.host, database=str(state / "superlink.db"),
-                       insecure=ssl is None, ssl=ssl),
-        state / "logs" / "superlink.log", fed.env, cwd=state,
+        superlink_argv(port, host=SUPERLINK_HOST, database=str(state / "superlink.db"),
+                       insecure=ssl is None, ssl=ssl, enable_auth=ssl is not None),
+        state / "logs" / "superlink.log",
+        {**fed.env, **(superlink_registry_env(registry) if registry else {})}, cwd=state,
     )
+    proxy: FleetProxy | None = None
+    handler = _proxy_log(state / "logs" / "fleet-proxy.log")
     (state / "server.pid").write_text(str(os.getpid()))
     try:
         interrupt_on_sigterm()
+        if registry is not None:
+            registry.start()
         fed.superlink.start()
         (state / "superlink.pid").write_text(str(fed.superlink.pid))
-        wait_for_port(_client_host(cfg.host), cfg.port, 60, fed.superlink)
-        write_flwr_connection(fed.flwr_home, "fedseg", f"{_client_host(cfg.host)}:{cfg.port}",
+        wait_for_port(SUPERLINK_HOST, port, 60, fed.superlink)
+        write_flwr_connection(fed.flwr_home, CONNECTION, f"{SUPERLINK_HOST}:{port}",
                               insecure=ssl is None, root_certificates=ssl[2] if ssl else None)
-        print(f"fedseg-server: SuperLink on {cfg.host}:{cfg.port}; run folder {job.run_dir}",
-              flush=True)
-        run_id = fed.submit(job)
+        if ssl is not None and sec.roster is not None:  # idempotent: a known key is kept
+            ids = register_sites(sec.roster, fed.env, CONNECTION)
+            save_node_ids(state / "node_ids.json", ids)
+            print("fedseg-server: sites registered: " + ", ".join(
+                f"{k} (node {v})" if v else f"{k} (already)" for k, v in sorted(ids.items())),
+                flush=True)
+        try:
+            proxy = FleetProxy(
+                f"{cfg.host}:{cfg.port}", f"{'https' if ssl else 'http'}://{SUPERLINK_HOST}:{port}",
+                ssl[0] if ssl else None, ssl[1] if ssl else None, ssl[2] if ssl else None,
+                allow_plain_http=ssl is None, allow_self_registration=ssl is None,
+            ).start()
+        except (ValueError, RuntimeError, OSError) as err:
+            raise FedsegError(f"{source}: field 'port': the fleet proxy cannot serve "
+                              f"{cfg.host}:{cfg.port} ({err}; is the port in use?)") from None
+        app = None
+        if registry is not None and sec.signing is not None:
+            fab = build_fab(write_app_dir(state / "app"))
+            app = registry.publish(fab, [sign_fab(fab, *sec.signing)])
+        print(f"fedseg-server: sites connect to {cfg.host}:{cfg.port} (fleet proxy: /v1/fleet/ "
+              f"only, {'TLS, SuperNode authentication' if ssl else 'PLAIN HTTP, loopback trial'}"
+              f"); SuperLink on {SUPERLINK_HOST}:{port}; job "
+              f"{'signed' if app else 'UNSIGNED (sites that require signed apps refuse it)'}; "
+              f"run folder {job.run_dir}", flush=True)
+        run_id = fed.submit(job, app=app)
         run.set_status(flower_run_id=run_id, server_pid=os.getpid())
         status = follow(fed, run_id, run, timeout)
         st = run.status()
@@ -158,12 +302,14 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
         return 130
     finally:
         fed.stop()
+        if proxy is not None:
+            proxy.stop()
+        if registry is not None:
+            registry.stop()
+        logging.getLogger("fedseg.fleet_proxy").removeHandler(handler)
+        handler.close()
         for name in ("server.pid", "superlink.pid"):
             (state / name).unlink(missing_ok=True)
-
-
-def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
