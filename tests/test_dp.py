@@ -236,3 +236,144 @@ def test_resume_from_serialised_state():
     s = a.state()
     s.steps.clear()
     assert a.rounds == 9
+
+
+# --------------------------------------------------------------------------- wired into a job
+
+
+def _site(tmp_path):
+    from types import SimpleNamespace as NS
+
+    return NS(site="siteA", cache_dir=tmp_path, node_config={})
+
+
+def _train_request(dp):
+    from fedseg.protocol import messages as pm
+
+    return pm.TrainRequest(round=1, job_id="j", local_iterations=1, global_iteration_start=0,
+                           global_total_iterations=1, plan_hash="h", dp=dp)
+
+
+def test_site_update_is_clipped_to_the_bound_and_carries_its_noise_share(tmp_path):
+    """``client.secure.private_delta`` (what the train handler runs on both paths): the norm
+    bound holds exactly without noise, and the noise added is N(0, (z·S)²/n) per value."""
+    from fedseg.client.secure import UpdateRefused, private_delta
+    from fedseg.protocol import messages as pm
+
+    rng = np.random.default_rng(5)
+    d = _delta(rng, scale=4.0)
+    site = _site(tmp_path)
+    out = private_delta(site, _train_request(pm.DPParams(clip_norm=0.5, noise_multiplier=0.0,
+                                                         n_sites=3)), d)
+    assert _norm(out) <= 0.5 and _norm(out) == pytest.approx(0.5, rel=1e-6)
+    for k in d:  # clipped along the update's own direction
+        np.testing.assert_allclose(out[k] * (_norm(d) / 0.5), d[k], rtol=1e-4, atol=1e-5)
+    small = {"w": np.full(10, 0.01, np.float32)}
+    np.testing.assert_array_equal(
+        private_delta(site, _train_request(pm.DPParams(clip_norm=1.0, noise_multiplier=0.0,
+                                                       n_sites=3)), small)["w"], small["w"])
+    # noise: zero update, 200k values -> sample std within 2 % (> 9 standard errors)
+    z, S, n = 1.2, 0.8, 4
+    zero = {"a": np.zeros(100_000, np.float32), "b": np.zeros((2, 50_000), np.float32)}
+    noisy = private_delta(site, _train_request(pm.DPParams(clip_norm=S, noise_multiplier=z,
+                                                           n_sites=n)), zero)
+    vals = np.concatenate([v.ravel() for v in noisy.values()]).astype(np.float64)
+    assert np.std(vals) == pytest.approx(z * S / math.sqrt(n), rel=0.02)
+    assert abs(np.mean(vals)) < 5 * z * S / math.sqrt(n) / math.sqrt(vals.size)
+    assert noisy["b"].shape == (2, 50_000) and noisy["b"].dtype == np.float32
+    # a big update: clipped part plus noise; its projection on the update's direction is S
+    big = {"w": np.full(200_000, 3.0, np.float32)}
+    out = private_delta(site, _train_request(pm.DPParams(clip_norm=S, noise_multiplier=z,
+                                                         n_sites=n)), big)
+    proj = float(np.sum(out["w"].astype(np.float64))) / math.sqrt(200_000)
+    assert proj == pytest.approx(S, abs=5 * z * S / math.sqrt(n))
+    with pytest.raises(UpdateRefused, match="NaN"):
+        private_delta(site, _train_request(pm.DPParams(clip_norm=1.0, noise_multiplier=1.0,
+                                                       n_sites=3)),
+                      {"w": np.array([np.nan], np.float32)})
+
+
+def test_job_accountant_matches_dp_accounting_round_by_round(tmp_path):
+    import dp_accounting as dpa
+
+    from fedseg.privacy.dp import JobAccountant
+
+    cfg = DPConfig(enabled=True, clip_norm=2.0, noise_multiplier=1.1, target_delta=DELTA)
+    path = tmp_path / "dp_accountant.json"
+    acc = JobAccountant(cfg, path)
+    assert acc.record()["dp_epsilon"] == 0.0
+    rdp = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_SPECIAL)
+    eps = []
+    for n, m in ((5, 5), (5, 5), (5, 3), (4, 4)):  # a dropout round carries less noise
+        rec = acc.release(n, m)
+        z_eff = 1.1 * math.sqrt(m / n)
+        rdp.compose(dpa.GaussianDpEvent(z_eff))
+        assert rec["dp_sigma"] == pytest.approx(z_eff)
+        assert rec["dp_noise_std"] == pytest.approx(2.0 * z_eff)
+        assert rec["dp_epsilon"] == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+        eps.append(rec["dp_epsilon"])
+    assert all(a < b for a, b in zip(eps, eps[1:], strict=False)) and rec["dp_releases"] == 4
+    # a resumed job continues from the saved state; a fresh one starts at 0
+    again = JobAccountant(cfg, path, resume=True)
+    assert again.record()["dp_epsilon"] == pytest.approx(eps[-1])
+    assert JobAccountant(cfg, path, resume=False).record()["dp_epsilon"] == 0.0
+    with pytest.raises(ValueError, match="adjacency"):
+        JobAccountant(cfg.model_copy(update={"adjacency": "replace"}), path, resume=True)
+
+
+def test_noise_multiplier_for_target_epsilon():
+    from fedseg.privacy.dp import noise_multiplier_for_epsilon
+
+    for target, rounds in ((1.0, 10), (8.0, 50)):
+        z = noise_multiplier_for_epsilon(target, DELTA, rounds)
+
+        def eps(zz: float, t: int = rounds) -> float:
+            a = PrivacyAccountant()
+            a.step(zz, count=t)
+            return a.epsilon(DELTA)
+
+        assert eps(z) <= target < eps(z * 0.995)  # the smallest z within 0.1 %
+    with pytest.raises(ValueError, match="raise target_epsilon"):
+        noise_multiplier_for_epsilon(1e-9, DELTA, 10)
+
+
+def test_job_config_dp_section():
+    from fedseg.privacy.dp import DPSettings
+    from fedseg.server.config import JobConfig
+
+    job = JobConfig(run_dir="r")
+    assert job.dp.enabled is False and job.dp.resolve(job.rounds).enabled is False
+    on = JobConfig(run_dir="r", rounds=20,
+                   dp={"enabled": True, "clip_norm": 0.5, "target_epsilon": 4.0})
+    cfg = on.dp.resolve(on.rounds)
+    a = PrivacyAccountant()
+    a.step(cfg.noise_multiplier, count=20)
+    assert cfg.enabled and cfg.clip_norm == 0.5 and a.epsilon(DELTA) <= 4.0
+    assert DPSettings(enabled=True, clip_norm=1, noise_multiplier=0.7).resolve(5).noise_multiplier == 0.7
+    for bad, msg in (({"enabled": True, "noise_multiplier": 1.0}, "clip_norm must be set"),
+                     ({"enabled": True, "clip_norm": 1.0}, "exactly one of"),
+                     ({"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0,
+                       "target_epsilon": 3.0}, "exactly one of"),
+                     ({"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.0}, "greater than 0"),
+                     ({"enabled": True, "clip_norm": 1.0, "target_epsilon": 1e-9}, "noise multiplier above"),
+                     ({"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.5},
+                      "less than 1"),
+                     ({"clip": 1.0}, "Extra inputs")):
+        with pytest.raises(ValidationError, match=msg):
+            JobConfig(run_dir="r", dp=bad)
+
+
+def test_train_request_carries_dp_only_when_on():
+    """Versioning (protocol/messages.py): without DP the field is left out of the JSON, so a site
+    that predates it still reads the request; with DP it round-trips."""
+    import json
+
+    from fedseg.protocol import messages as pm
+
+    off = _train_request(None)
+    assert "dp" not in json.loads(pm.encode(off)) and pm.decode(pm.encode(off), pm.TrainRequest) == off
+    on = _train_request(pm.DPParams(clip_norm=1.5, noise_multiplier=0.9, n_sites=4))
+    back = pm.decode(pm.encode(on), pm.TrainRequest)
+    assert back == on and back.dp.n_sites == 4
+    with pytest.raises(pm.ProtocolError, match="n_sites"):
+        pm.decode(pm.encode(on).replace('"n_sites":4', '"n_sites":0'), pm.TrainRequest)

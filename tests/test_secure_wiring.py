@@ -6,6 +6,7 @@ unmasked sum gives the case-weighted mean update, pooled loss and case count."""
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -168,50 +169,67 @@ def test_site_refuses_its_own_bad_update(pki: Path, tmp_path: Path) -> None:
             secure.train_reply(_msg(pack(req), pm.TRAIN), cfg, req, bad, 3, 0.5, None, 1, 1.0, 1.0)
 
 
-def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path) -> None:
-    """``secure_rounds.train_round`` over three rounds with an in-process "grid": round 1 sets
-    up its keys (2 exchanges), later rounds only add UNMASK to TRAIN, and a site that dies in
-    round 3 after sharing keys is recovered (its masks removed, the sum over the others)."""
+def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict,
+                    rounds: int, delta_for=None, privacy=None):
+    """A ``FederatedJob`` stand-in for ``secure_rounds.train_round``: the real ClientApp
+    handlers and SecAgg server, messages passed in process instead of through Flower.
+    ``job.dead`` (node ids that do not answer) and ``job.calls`` (message types sent) are for
+    the test; ``delta_for(nid)`` gives a site's delta (default: 0.01·(nid + 1))."""
     from types import SimpleNamespace as NS
 
     from fedseg.client import secure
-    from fedseg.server import secure_rounds as sr
     from fedseg.server.aggregate import ServerOptimizer, ServerOptimizerConfig
     from fedseg.server.job import FederatedJob
     from fedseg.server.rundir import RunDir
-
-    shapes = {"w": (3, 4), "b": (4,)}
-    cases = {"siteA": 8, "siteB": 20, "siteC": 3}
-    dead: set[int] = set()
-    calls: list[str] = []
 
     def handle(nid: int, content: RecordDict, mtype: str) -> Message:
         s = SITES[nid]
         msg = _msg(content, mtype)
         if mtype in (pm.SHARE_KEYS, pm.UNMASK):
             return (client_app.share_keys if mtype == pm.SHARE_KEYS else client_app.unmask)(
-                msg, _ctx(pki, s, tmp_path))
+                msg, _ctx(pki, s, tmp))
         req, _ = unpack(content, pm.TrainRequest)
-        delta = {k: np.full(sh, 0.01 * (nid + 1), np.float32) for k, sh in shapes.items()}
-        return secure.train_reply(msg, _site_cfg(pki, s, tmp_path), req, delta, cases[s],
+        delta = (delta_for(nid) if delta_for else
+                 {k: np.full(sh, 0.01 * (nid + 1), np.float32) for k, sh in shapes.items()})
+        return secure.train_reply(msg, _site_cfg(pki, s, tmp), req, delta, cases[s],
                                   1.0 + nid, None, 5, 1.0, 5.0)
 
     def send(nodes, mtype, content_for, timeout):
-        calls.append(mtype)
+        job.calls.append(mtype)
         job._sent_bytes = dict.fromkeys(nodes, 1)
-        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in dead}
+        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in job.dead}
 
-    cfg = NS(min_sites=2, rounds=3, local_iterations=1, eval_every=1, per_site_metrics=True,
-             job_id="job5", aggregation=ServerOptimizerConfig(), proximal_mu=0.0, seed=0,
+    def exchange(nodes, mtype, content_for, timeout, on_reply, after_push=None):
+        replies = send(nodes, mtype, content_for, timeout)
+        for n, r in replies.items():
+            on_reply(n, r)
+        return set(replies)
+
+    cfg = NS(min_sites=2, rounds=rounds, local_iterations=1, eval_every=1, per_site_metrics=True,
+             job_id=job_id, aggregation=ServerOptimizerConfig(), proximal_mu=0.0, seed=0,
              max_update_norm=None, round_timeout_s=60)
-    job = NS(cfg=cfg, run=RunDir(tmp_path / "run"), log=lambda _: None, _sent_bytes={},
-             plan=NS(hash=lambda: "h", labels={"background": 0, "x": 1}, num_training_cases=31),
+    job = NS(cfg=cfg, run=RunDir(tmp / "run"), log=lambda _: None, _sent_bytes={},
+             plan=NS(hash=lambda: "h", labels={"background": 0, "x": 1},
+                     num_training_cases=sum(cases.values())),
              state=NS(weights={k: np.zeros(sh, np.float32) for k, sh in shapes.items()},
                       best_dice=-1.0),
              opt=ServerOptimizer(ServerOptimizerConfig()), sites=dict.fromkeys(range(3)),
-             _name=lambda n: SITES[n], _send=send, _log_eval=lambda *_: None,
-             secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, "job5", RUN_ID))
+             _name=lambda n: SITES[n], _send=send, _exchange=exchange,
+             _log_eval=lambda *_: None, dead=set(), calls=[], privacy=privacy,
+             secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID))
     job._reply_error = lambda r: FederatedJob._reply_error(job, r)
+    return job
+
+
+def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path) -> None:
+    """``secure_rounds.train_round`` over three rounds with an in-process "grid": round 1 sets
+    up its keys (2 exchanges), later rounds only add UNMASK to TRAIN, and a site that dies in
+    round 3 after sharing keys is recovered (its masks removed, the sum over the others)."""
+    from fedseg.server import secure_rounds as sr
+
+    shapes = {"w": (3, 4), "b": (4,)}
+    job = _in_process_job(pki, tmp_path, "job5", shapes, {"siteA": 8, "siteB": 20, "siteC": 3}, 3)
+    calls, dead, cfg = job.calls, job.dead, job.cfg
     pooled = []
     for rnd in (1, 2, 3):
         if rnd == 3:
@@ -238,3 +256,126 @@ def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path)
     recs = job.run.read_metrics()
     dropped = [r for r in recs if r["phase"] == "train" and r["round"] == 4 and r["site"] == "siteC"]
     assert dropped and dropped[0]["status"] == "dropped", dropped
+
+
+def test_dp_round_clips_noises_unweighted_and_accounts_epsilon(pki: Path, tmp_path: Path) -> None:
+    """Differential privacy through secure aggregation: each site clips its delta to S and adds
+    N(0, (zS)²/n) before masking, unweighted; the server applies sum / survivors and logs
+    dp_epsilon (cumulative; equal to dp-accounting's RDP accountant run directly) and dp_sigma
+    (z·√(m/n): lower in the round a site drops after sharing keys)."""
+    import dp_accounting as dpa
+
+    from fedseg.privacy.dp import DPConfig, JobAccountant
+    from fedseg.server import secure_rounds as sr
+
+    S, z, delta_ = 1.0, 0.05, 1e-5
+    shapes = {"w": (200, 100), "b": (50,)}
+    L = 200 * 100 + 50
+    # site 0 is under the bound (kept), sites 1 and 2 are clipped to +u and -u (u = 1/√L each)
+    scale = {0: 0.2 / math.sqrt(L), 1: 1.0, 2: -3.0}
+    cases = {"siteA": 8, "siteB": 20, "siteC": 3}
+    priv = JobAccountant(DPConfig(enabled=True, clip_norm=S, noise_multiplier=z,
+                                  target_delta=delta_))
+    job = _in_process_job(
+        pki, tmp_path, "job-dp", shapes, cases, 3, privacy=priv,
+        delta_for=lambda nid: {k: np.full(sh, scale[nid], np.float32) for k, sh in shapes.items()})
+    pooled, steps = [], []
+    for rnd in (1, 2, 3):
+        if rnd == 3:
+            job.dead.add(2)  # siteC dies after sharing keys: m = 2 of n = 3 in the sum
+        before = {k: v.astype(np.float64) for k, v in job.state.weights.items()}
+        pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
+        steps.append(np.concatenate([(job.state.weights[k] - before[k]).ravel()
+                                     for k in sorted(shapes)]))
+    assert [p["status"] for p in pooled] == ["ok"] * 3
+    u = 1 / math.sqrt(L)
+    # unweighted mean of the clipped deltas (case weights would give (8·0.2 + 20 − 3)·u / 31)
+    for step, m, want in ((steps[0], 3, (0.2 + 1 - 1) * u / 3), (steps[2], 2, (0.2 + 1) * u / 2)):
+        noise_std = z * S * math.sqrt(m / 3) / m  # of the MEAN: sum std z·S·√(m/n), over m
+        assert np.std(step) == pytest.approx(noise_std, rel=0.05)
+        assert abs(np.mean(step) - want) < 5 * noise_std / math.sqrt(L)
+    assert abs(np.mean(steps[0]) - (8 * 0.2 + 20 - 3) * u / 31) > 20 * z * S / 3 / math.sqrt(L)
+    # the accountant: one Gaussian release per round, z_eff = z·√(m/n), sample rate 1
+    rdp = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_SPECIAL)
+    eps = []
+    for p, m in zip(pooled, (3, 3, 2), strict=True):
+        z_eff = z * math.sqrt(m / 3)
+        rdp.compose(dpa.GaussianDpEvent(z_eff))
+        assert p["dp_sigma"] == pytest.approx(z_eff) and p["dp_delta"] == delta_
+        assert p["dp_noise_std"] == pytest.approx(z_eff * S)
+        assert p["dp_epsilon"] == pytest.approx(rdp.get_epsilon(delta_), rel=1e-9)
+        eps.append(p["dp_epsilon"])
+    assert eps[0] < eps[1] < eps[2]
+    logged = [r for r in job.run.read_metrics() if r["phase"] == "train" and r["site"] == "pooled"]
+    assert [r["dp_epsilon"] for r in logged] == eps
+
+
+def test_site_refuses_a_noise_split_larger_than_its_roster(pki: Path, tmp_path: Path) -> None:
+    from fedseg.client import secure
+
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job-dp2", RUN_ID)
+    req = pm.TrainRequest(round=1, job_id="job-dp2", local_iterations=1, global_iteration_start=0,
+                          global_total_iterations=1, plan_hash="h", secagg=sec.part(),
+                          dp=pm.DPParams(clip_norm=1.0, noise_multiplier=1.0, n_sites=50))
+    with pytest.raises(secure.UpdateRefused, match="over 50 sites: its roster has 3"):
+        secure.train_reply(_msg(pack(req), pm.TRAIN), _site_cfg(pki, "siteA", tmp_path), req,
+                           {"w": np.ones(3, np.float32)}, 3, 0.5, None, 1, 1.0, 1.0)
+
+
+def test_site_state_stays_bounded_over_many_rounds(pki: Path, tmp_path: Path) -> None:
+    """Task: the site's secure-aggregation state file must not grow with the rounds. Over 24
+    rounds, with siteC dying every 5th round (so dropout recovery runs and stale next-round
+    keys are left behind), every round unmasks, each file keeps at most 3 rounds and stops
+    growing once the short list of used ids is full; an old round id stays refused."""
+    from fedseg.privacy.site_agent import MAX_USED_IDS, StoredState
+    from fedseg.server import secure_rounds as sr
+
+    shapes = {"w": (3, 4)}
+    rounds = 24
+    job = _in_process_job(pki, tmp_path, "job-grow", shapes, {s: 5 for s in SITES}, rounds)
+    paths = {s: state_path(tmp_path / s / "cache", "job-grow") for s in SITES}
+    sizes: dict[str, list[int]] = {s: [] for s in SITES}
+    pooled = []
+    for rnd in range(1, rounds + 1):
+        job.dead.clear()
+        if rnd % 5 == 0:
+            job.dead.add(2)
+        pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
+        for s in SITES:
+            sizes[s].append(paths[s].stat().st_size)
+            stored = StoredState.load(paths[s].read_text())
+            assert len(stored.state.rounds) <= 3, (rnd, s, list(stored.state.rounds))
+            assert len(stored.state.used_rounds) <= MAX_USED_IDS + 3
+            assert stat.S_IMODE(paths[s].stat().st_mode) == 0o600
+            for rs in stored.state.rounds.values():  # own secrets gone once the input is masked
+                if rs.stage in ("masked", "answered"):
+                    assert rs.c_sk == rs.s_sk == rs.b == ""
+    assert [p["status"] for p in pooled] == ["ok"] * rounds
+    assert all(pooled[r - 1]["secagg"]["recovered"] for r in range(5, rounds + 1, 5))
+    for s in SITES:
+        warm = sizes[s][11:rounds - 1]  # the last round advertises nothing after it
+        assert max(warm) <= 1.05 * max(sizes[s][:11]), (s, sizes[s])
+        assert max(warm) < 12_000, (s, sizes[s])
+    # a pruned round's id is still single-use
+    old = pooled[1]["secagg"]["round_id"]
+    err = _error(_step(pki, tmp_path, "siteA", job.secure.part(advertise=[old])))
+    assert err.kind == "secagg" and "not newer" in err.message
+
+
+def test_state_file_from_before_pruning_is_read(pki: Path, tmp_path: Path) -> None:
+    """A state file written before the high-water marks (a bare SiteState) still loads, and the
+    ids it lists as used stay refused."""
+    from fedseg.privacy.secagg import SiteState
+    from fedseg.privacy.site_agent import StoredState
+
+    sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job-old", RUN_ID)
+    path = state_path(tmp_path / "siteA" / "cache", "job-old")
+    path.parent.mkdir(parents=True)
+    used = f"{RUN_ID}/job-old/train3/7"
+    path.write_text(SiteState(site="siteA", used_rounds=[used]).model_dump_json())
+    for rid in (used, f"{RUN_ID}/job-old/train2/6"):
+        err = _error(_step(pki, tmp_path, "siteA", sec.part(advertise=[rid])))
+        assert "not newer" in err.message
+    _ok(_step(pki, tmp_path, "siteA", sec.part(advertise=[f"{RUN_ID}/job-old/train4/8"])))
+    stored = StoredState.load(path.read_text())
+    assert stored.format == 2 and stored.high_water == {RUN_ID: 8}

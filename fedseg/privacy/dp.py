@@ -40,10 +40,29 @@ Trust assumptions:
 - Sites are honest: each adds its share of the noise with fresh randomness from the OS CSPRNG
   (never from a server-supplied seed). If c sites collude with the server, their noise is known
   to it and only the others' protects the victim: z_eff = z·√((m − c)/n) (``n_colluding``).
-- Sites read ``DPConfig`` from their OWN configuration, never from the server (a server could
-  otherwise set z = 0), and all sites must use the same S, z and split count.
+- All sites must use the same S, z and split count. In the federation (``[job.dp]``, see
+  :class:`DPSettings`) the SERVER proposes them in each round's ``TrainRequest.dp`` so that all
+  sites agree, with n = the number of sites asked in that round; under SecAgg a site refuses an
+  n above its own roster's size (a server could otherwise shrink every share of the noise).
+  The guarantee is therefore against an honest-but-curious server and against everyone who
+  gets the model or the logged aggregates; a server that sets z = 0 on purpose is not
+  prevented (a site-side floor read from the site's own configuration would be).
 - The guarantee needs the sum to be released through SecAgg: a site's single noisy update has
-  only noise std z·S/√n, i.e. multiplier z/√n — much weaker — if anyone sees it alone.
+  only noise std z·S/√n, i.e. multiplier z/√n — much weaker — if anyone sees it alone. Without
+  secure aggregation (``secure_aggregation = false``) the server sees exactly that, so the ε
+  logged then holds for the model and the pooled records only, with the server trusted.
+
+Weighting. A DP round uses the UNWEIGHTED mean of the clipped, noised deltas: each site masks
+(or sends) clip_S(delta) + noise with weight 1 and the server divides the sum by the number m of
+contributions, which it knows (the SecAgg survivors). The case-weighted FedAvg mean would break
+the analysis twice: a weight n_i/s applied after the clip multiplies site i's sensitivity by
+n_i/s (unbounded, and unknown to the accountant), and dividing by Σ n_i makes the normaliser
+itself depend on one site's private case count.
+
+Site sampling. Every round asks all connected sites; which sites answer is decided by
+availability, not by a secret random draw, and the server sees who answered. Amplification by
+subsampling does not apply, so the server accounts every round with sample rate q = 1.0 (the
+sites asked over the roster would be an unjustified discount).
 
 What the accountant counts: one step per released aggregate (each successful SecAgg unmask of
 a DP-noised update). A round that aborts before unmasking releases nothing. Rounds are
@@ -66,10 +85,14 @@ Caveats of the real-valued analysis (the accountant's ε is that of the idealise
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
+import os
 import secrets
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -80,11 +103,14 @@ __all__ = [
     "AccountantState",
     "AccountantStep",
     "DPConfig",
+    "DPSettings",
+    "JobAccountant",
     "PrivacyAccountant",
     "PrivatizeInfo",
     "add_site_noise",
     "clip_delta",
     "effective_noise_multiplier",
+    "noise_multiplier_for_epsilon",
     "privatize",
     "secagg_clip_bound",
     "secure_rng",
@@ -401,3 +427,145 @@ class PrivacyAccountant:
             return 0.0
         with _quiet_absl():
             return float(self._accountant().get_epsilon(delta))
+
+
+# --------------------------------------------------------------------------- job level
+
+
+@functools.lru_cache(maxsize=64)
+def noise_multiplier_for_epsilon(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    sample_rate: float = 1.0,
+    adjacency: Adjacency = "zero_out",
+    max_multiplier: float = 1e4,
+) -> float:
+    """The smallest noise multiplier z (to 0.1 %) for which ``rounds`` releases, accounted by
+    :class:`PrivacyAccountant`, stay within (``target_epsilon``, ``delta``). ValueError when no
+    z up to ``max_multiplier`` does."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+
+    def eps(z: float) -> float:
+        acc = PrivacyAccountant(adjacency)
+        acc.step(z, sample_rate=sample_rate, count=rounds)
+        return acc.epsilon(delta)
+
+    if eps(max_multiplier) > target_epsilon:
+        raise ValueError(
+            f"target_epsilon {target_epsilon:g} at delta {delta:g} over {rounds} round(s) needs a "
+            f"noise multiplier above {max_multiplier:g}; raise target_epsilon or lower rounds"
+        )
+    lo, hi = 1e-3, max_multiplier  # ε(lo) is astronomically large for any sensible target
+    if eps(lo) <= target_epsilon:
+        return lo
+    while hi / lo > 1.001:  # geometric bisection; ε falls as z grows; keep ε(hi) <= target
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class DPSettings(BaseModel):
+    """``[job.dp]``: differential privacy of a federated job (off by default; module docs).
+
+    Set ``clip_norm`` (S, the L2 bound of each site's update) and either ``noise_multiplier``
+    (z: the noise in the SUM of a round has std z·S) or ``target_epsilon`` (z is then the
+    smallest one that keeps ``rounds`` full rounds within (target_epsilon, delta), sample rate
+    1; rounds with dropouts carry less noise, so the logged ε can end above the target).
+
+    Under secure aggregation every value a site masks is clipped to [-secagg_clip, secagg_clip]
+    first: keep ``secagg_clip`` above S plus several per-site noise stds z·S/√n
+    (:func:`secagg_clip_bound`); the pooled record's ``secagg.num_clipped`` must stay 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    clip_norm: float | None = Field(default=None, gt=0, description="S: L2 bound per site update")
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, description="z: noise std of each round's sum is z·S")
+    target_epsilon: float | None = Field(
+        default=None, gt=0, description="instead of noise_multiplier: ε after all rounds")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="δ of the reported ε")
+    adjacency: Adjacency = Field(default="zero_out", description="neighbouring relation")
+
+    @model_validator(mode="after")
+    def _check(self) -> DPSettings:
+        for name in ("clip_norm", "noise_multiplier", "target_epsilon"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"dp.{name} must be finite")
+        if not self.enabled:
+            return self
+        if self.clip_norm is None:
+            raise ValueError("dp.clip_norm must be set when dp.enabled is true: it is the L2 "
+                             "norm each site clips its update to")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("with dp.enabled set exactly one of dp.noise_multiplier and "
+                             "dp.target_epsilon")
+        return self
+
+    def resolve(self, rounds: int) -> DPConfig:
+        """The :class:`DPConfig` the job runs with (``target_epsilon`` turned into z)."""
+        if not self.enabled:
+            return DPConfig()
+        z = self.noise_multiplier
+        if z is None:
+            assert self.target_epsilon is not None
+            z = noise_multiplier_for_epsilon(self.target_epsilon, self.delta, rounds, 1.0,
+                                             self.adjacency)
+        return DPConfig(enabled=True, clip_norm=self.clip_norm, noise_multiplier=z,
+                        target_delta=self.delta, adjacency=self.adjacency)
+
+
+class JobAccountant:
+    """The server's DP bookkeeping for one job: one accountant step per released aggregate and
+    the fields of the pooled train record (``record``). The state is written to ``path`` after
+    every step, so a resumed job goes on composing (a round released before a crash and run
+    again after it is counted twice: conservative, since the first sum was seen)."""
+
+    def __init__(self, cfg: DPConfig, path: Path | None = None, resume: bool = False) -> None:
+        if not cfg.enabled or cfg.clip_norm is None:
+            raise ValueError("JobAccountant needs an enabled DPConfig")
+        self.config = cfg
+        self.path = Path(path) if path is not None else None
+        self.accountant = PrivacyAccountant(cfg.adjacency)
+        if resume and self.path is not None and self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            state = AccountantState.model_validate(saved["accountant"])
+            if state.adjacency != cfg.adjacency:
+                raise ValueError(f"{self.path}: accounted with adjacency {state.adjacency!r}, "
+                                 f"the job now says {cfg.adjacency!r}; cannot resume")
+            self.accountant = PrivacyAccountant.from_state(state)
+        self.epsilon = self.accountant.epsilon(cfg.target_delta)
+
+    def release(self, n_split: int, n_contributed: int) -> dict[str, float | int]:
+        """Account one released sum of ``n_contributed`` sites' updates, each noised for a split
+        over ``n_split`` sites; returns the record fields: ``dp_epsilon`` (cumulative, at
+        ``dp_delta``), ``dp_sigma`` (z_eff, the noise multiplier of this sum relative to the
+        clip norm), ``dp_noise_std`` (z_eff·S, per value of the sum) and ``dp_releases``."""
+        z_eff = effective_noise_multiplier(self.config.noise_multiplier, n_split, n_contributed)
+        self.accountant.step(z_eff, sample_rate=1.0)
+        self.epsilon = self.accountant.epsilon(self.config.target_delta)
+        self._save()
+        assert self.config.clip_norm is not None
+        return {**self.record(), "dp_sigma": z_eff, "dp_noise_std": z_eff * self.config.clip_norm}
+
+    def record(self) -> dict[str, float | int]:
+        """Fields of a pooled record that released nothing new (ε so far)."""
+        return {"dp_epsilon": self.epsilon, "dp_delta": self.config.target_delta,
+                "dp_releases": self.accountant.rounds}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        text = json.dumps({"config": self.config.model_dump(),
+                           "accountant": self.accountant.state().model_dump()}, indent=1)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, self.path)

@@ -5,13 +5,27 @@ fedseg, or a server bug, would otherwise surface as a KeyError deep inside train
 message is serialised as JSON in a ``ConfigRecord`` (key ``"msg"``) and validated on receipt at
 both ends; tensors travel next to it in an ``ArrayRecord`` (chunked by Flower). Both the server
 and the client import this module, and it imports neither of them.
+
+Versioning: every message carries ``PROTOCOL_VERSION`` and a peer refuses another version. A
+field added within a version is optional and, while unset (None), left out of the JSON
+(``_omit_unset``), so a peer built before it still reads the message; a peer that meets the
+field SET refuses the message (``extra="forbid"``) rather than ignore it — e.g. a site without
+differential privacy refuses a round that asks for it. A change an older peer must not read
+bumps ``PROTOCOL_VERSION``.
 """
 
 from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from fedseg.privacy.secagg import (
     KeyAdvertisement,
@@ -148,6 +162,23 @@ class PrepareReply(Msg):
     secagg: SecAggReplyPart | None = None
 
 
+class DPParams(_Part):
+    """Differential privacy of one round (``fedseg/privacy/dp.py``): the site clips its
+    UNWEIGHTED delta to L2 norm <= ``clip_norm`` (S) and adds N(0, (z·S)²/n) per value
+    (z = ``noise_multiplier``, n = ``n_sites``, the sites asked this round) before masking, so
+    the sum over the n sites carries noise std z·S."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+    n_sites: int = Field(ge=1, description="split count: the sites asked in this round")
+
+    @classmethod
+    def for_round(cls, cfg: object, n_sites: int) -> DPParams:
+        """From a ``fedseg.privacy.dp.DPConfig`` (no import: this module stays light)."""
+        return cls(clip_norm=cfg.clip_norm, noise_multiplier=cfg.noise_multiplier,  # type: ignore[attr-defined]
+                   n_sites=n_sites)
+
+
 class TrainRequest(Msg):
     """Global weights travel in the ArrayRecord "weights"."""
 
@@ -179,6 +210,18 @@ class TrainRequest(Msg):
     eval_classes: list[str] = Field(
         default_factory=list, description="class keys of the securely summed evaluation"
     )
+    dp: DPParams | None = Field(
+        default=None,
+        description="differential privacy on: clip the unweighted delta, add the noise share",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> object:
+        """Leave ``dp`` out while it is None (versioning: module docstring)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("dp") is None:
+            data.pop("dp", None)
+        return data
 
 
 class EvalRequest(Msg):
@@ -218,9 +261,11 @@ class ErrorReply(Msg):
     """A site-side failure the site wants the server to log (e.g. bad data)."""
 
     site: str
-    kind: Literal["data", "internal", "rejected", "secagg"] = Field(
+    kind: Literal["data", "internal", "rejected", "secagg", "refused"] = Field(
         description="rejected: the site refused its own update (validation before masking); "
-        "secagg: a secure-aggregation check failed at the site (e.g. a forged key)"
+        "secagg: a secure-aggregation check failed at the site (e.g. a forged key); "
+        "refused: the site requires secure aggregation and the request would send its data "
+        "unmasked"
     )
     message: str
 
