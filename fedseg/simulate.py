@@ -37,6 +37,7 @@ from fedseg.runtime.processes import (
     wait_for_port,
     write_flwr_connection,
 )
+from fedseg.runtime.supernode import launcher_argv
 from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
 
@@ -56,7 +57,9 @@ def find_site_dirs(data: Path) -> list[Path]:
 class Federation:
     """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
 
-    def __init__(self, work: Path, site_dirs: list[Path], device: str = "auto") -> None:
+    def __init__(
+        self, work: Path, site_dirs: list[Path], device: str = "auto", site_workers: bool = True,
+    ) -> None:
         self.work = work
         self.site_dirs = site_dirs
         self.device = device
@@ -64,8 +67,12 @@ class Federation:
         self.env = flower_env(self.flwr_home)
         self.superlink: ManagedProcess | None = None
         self.nodes: dict[str, ManagedProcess] = {}
+        self.workers: dict[str, ManagedProcess] = {}  # site name -> its worker process
+        self.site_workers = site_workers
         self.port = 0
         self.pki = work / "pki"
+        # the sites' node config require-secure-aggregation: False lets them answer plain rounds
+        self.require_secure_aggregation = True
 
     def ensure_pki(self) -> Path | None:
         """Provision the demo consortium (CA, site identity keys, roster) once; returns the
@@ -114,8 +121,9 @@ class Federation:
             old.stop(timeout=5)
         cache = self.work / "sites" / name
         cache.mkdir(parents=True, exist_ok=True)
-        node_cfg = {"site": name, "data-dir": str(data_dir.resolve()),
-                    "cache-dir": str(cache.resolve()), "device": self.device}
+        node_cfg: dict[str, str | bool] = {
+            "site": name, "data-dir": str(data_dir.resolve()), "cache-dir": str(cache.resolve()),
+            "device": self.device, "require-secure-aggregation": self.require_secure_aggregation}
         key = self.pki / "sites" / name / "identity.key"
         if key.is_file():  # secure aggregation: the site's identity and the consortium roster
             node_cfg.update({"identity-key": str(key.resolve()),
@@ -126,15 +134,29 @@ class Federation:
             threads = max(1, (os.cpu_count() or 2) // max(1, len(self.site_dirs)))
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         env.update(env_extra or {})
+        port = free_port()
+        argv = launcher_argv(  # Flower's SuperNode, idle poll 0.5 s instead of 3 s
+            supernode_argv(f"127.0.0.1:{self.port}", port, node_cfg, max_retries=None))
+        old_worker = self.workers.pop(name, None)
+        if old_worker is not None:
+            old_worker.stop(timeout=5)
+        if self.site_workers:  # torch/MONAI stay loaded between messages: client/worker.py
+            from fedseg.client.worker import worker_argv
+
+            argv += ["--isolation", "process"]
+            self.workers[name] = ManagedProcess(
+                f"worker-{name}", worker_argv(f"127.0.0.1:{port}"),
+                self.work / "logs" / f"worker-{name}.log", env, cwd=self.work,
+            ).start()
         proc = ManagedProcess(
-            f"supernode-{name}",
-            supernode_argv(f"127.0.0.1:{self.port}", free_port(), node_cfg, max_retries=None),
-            self.work / "logs" / f"site-{name}.log", env, cwd=self.work,
+            f"supernode-{name}", argv, self.work / "logs" / f"site-{name}.log", env, cwd=self.work,
         ).start()
         self.nodes[name] = proc
         return proc
 
-    def submit(self, job: JobConfig) -> int:
+    def submit(self, job: JobConfig, app: str | None = None) -> int:
+        """``flwr run`` the job; ``app``: a registry app spec (``@fedseg/fedseg-job==x.y.z``,
+        a signed bundle, see ``fedseg-server``) instead of the local app folder."""
         roster = self.ensure_pki() if job.secure_aggregation and not job.roster else None
         if roster is not None:
             job = job.model_copy(update={"roster": str(roster.resolve())})
@@ -142,7 +164,7 @@ class Federation:
         job_file = Path(job.run_dir) / "job.json"
         job_file.parent.mkdir(parents=True, exist_ok=True)
         job_file.write_text(job.model_dump_json(indent=2) + "\n")
-        res = flwr_cli(["run", str(app_dir), "fedseg", "--run-config",
+        res = flwr_cli(["run", app or str(app_dir), "fedseg", "--run-config",
                         f'job-config="{job_file.resolve()}"'], self.env)
         return int(res["run-id"])
 
@@ -157,10 +179,13 @@ class Federation:
     def kill_site(self, name: str) -> None:
         """SIGKILL a site's SuperNode and its ClientApp (a crashed hospital machine)."""
         self.nodes[name].kill()
+        if name in self.workers:
+            self.workers.pop(name).kill()
 
     def stop(self) -> None:
         """Stop every process started here, all at once; a second Ctrl-C cannot cut it short."""
-        procs = [*self.nodes.values(), *([self.superlink] if self.superlink else [])]
+        procs = [*self.nodes.values(), *self.workers.values(),
+                 *([self.superlink] if self.superlink else [])]
         with _signals_ignored():
             stop_all(procs, timeout=5)
 
@@ -252,6 +277,7 @@ def simulate(
     run = RunDir(job.run_dir)
     try:
         with Federation(out, site_dirs, device=device) as fed:
+            fed.require_secure_aggregation = job.secure_aggregation  # off: sites accept plain
             interrupt_on_sigterm()
             fed.start_superlink()
             for d in site_dirs:

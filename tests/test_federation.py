@@ -37,7 +37,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run_directory_is_complete(sim: Path) -> None:
     run = sim / "run"
     for name in ("plan.json", "metrics.jsonl", "job.json", "status.json", "plots.png",
-                 "report.md", "checkpoints/last.pt", "checkpoints/best.pt", "model/model.pt",
+                 "report.md", "checkpoints/last.npz", "checkpoints/best.npz", "model/model.pt",
                  "model/plan.json", "model/dataset.json", "model/bundle.json"):
         assert (run / name).is_file(), name
     status = json.loads((run / "status.json").read_text())

@@ -50,7 +50,10 @@ class SiteConfig:
 
     @classmethod
     def from_context(cls, context: Context) -> SiteConfig:
-        nc = context.node_config
+        return cls.from_node_config(dict(context.node_config))
+
+    @classmethod
+    def from_node_config(cls, nc: dict) -> SiteConfig:
         if "data-dir" not in nc:
             raise FedsegError("node config has no 'data-dir'; start the site with fedseg-client")
         data = Path(str(nc["data-dir"]))
@@ -73,28 +76,49 @@ class SiteConfig:
 def _handler(fn: Callable[[Message, SiteConfig], Message]) -> Callable[[Message, Context], Message]:
     @functools.wraps(fn)
     def wrapper(msg: Message, context: Context) -> Message:
-        site = str(context.node_config.get("site", "?"))
-        try:
-            cfg = SiteConfig.from_context(context)
-            return fn(msg, cfg)
-        except (FedsegError, pm.ProtocolError) as err:
-            print(f"[fedseg-client {site}] {err}", flush=True)
-            from fedseg.client.secure import UpdateRefused
-            from fedseg.privacy.keys import SecAggAbort
-
-            kind = ("secagg" if isinstance(err, SecAggAbort) else
-                    "rejected" if isinstance(err, UpdateRefused) else "data")
-            return Message(pack_error(pm.ErrorReply(site=site, kind=kind, message=str(err))),
-                           reply_to=msg)
-        except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
-            traceback.print_exc()
-            return Message(
-                pack_error(pm.ErrorReply(site=site, kind="internal",
-                                         message=" ".join(repr(err).split())[:500])),
-                reply_to=msg,
-            )
+        return run_local(fn, msg, dict(context.node_config))
 
     return wrapper
+
+
+def run_local(fn: Callable[[Message, SiteConfig], Message], msg: Message, node_config: dict) -> Message:
+    """``fn`` in this process; errors become an ``ErrorReply`` (one clear line for what the site
+    can fix, the exception's repr otherwise), never a remote traceback."""
+    site = str(node_config.get("site", "?"))
+    try:
+        cfg = SiteConfig.from_node_config(node_config)
+        return fn(msg, cfg)
+    except (FedsegError, pm.ProtocolError) as err:
+        print(f"[fedseg-client {site}] {err}", flush=True)
+        from fedseg.client.secure import UpdateRefused
+        from fedseg.privacy.keys import SecAggAbort
+
+        kind = ("refused" if isinstance(err, PlainRequestRefused) else
+                "secagg" if isinstance(err, SecAggAbort) else
+                "rejected" if isinstance(err, UpdateRefused) else "data")
+        return Message(pack_error(pm.ErrorReply(site=site, kind=kind, message=str(err))),
+                       reply_to=msg)
+    except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
+        traceback.print_exc()
+        return Message(
+            pack_error(pm.ErrorReply(site=site, kind="internal",
+                                     message=" ".join(repr(err).split())[:500])),
+            reply_to=msg,
+        )
+
+
+class PlainRequestRefused(FedsegError):
+    """Node config ``require-secure-aggregation`` (on unless set false: ``fedseg-client``'s
+    ``require_secure_aggregation``): the request would make the site send its fingerprint, model
+    update or case counts UNMASKED, so the site does not answer it."""
+
+
+def _require_masked(cfg: SiteConfig, masked: bool, what: str) -> None:
+    if not masked and str(cfg.node_config.get("require-secure-aggregation", True)).lower() != "false":
+        raise PlainRequestRefused(
+            f"site '{cfg.site}' refuses to send its {what} unmasked: it requires secure "
+            "aggregation; run the job with secure_aggregation = true (the default), or set "
+            "require_secure_aggregation = false in the site's client.toml")
 
 
 def _split(cfg: SiteConfig) -> tuple[list[str], list[str]]:
@@ -133,6 +157,7 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.client import secure
 
     req, _ = unpack(msg.content, pm.EnrolRequest)
+    _require_masked(cfg, req.hide_case_counts, "case counts")
     ds = read_dataset_json(cfg.data_dir)
     train, val = _split(cfg)
     device, gpu = _device_info(cfg)
@@ -152,6 +177,7 @@ def fingerprint(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.planning.fingerprint import compute_fingerprint
 
     req, _ = unpack(msg.content, pm.FingerprintRequest)
+    _require_masked(cfg, req.secagg is not None, "fingerprint")
     fp = compute_fingerprint(cfg.data_dir)
     vec = np.asarray(fp.to_vector(), dtype=np.float64)
     if req.secagg is not None:  # exactly encoded into the secure sum: only the sum is seen
@@ -169,6 +195,7 @@ def prepare(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.training.preprocess import PreprocessedDataset, preprocess_dataset
 
     req, _ = unpack(msg.content, pm.PrepareRequest)
+    _require_masked(cfg, req.hide_case_counts, "case count")
     plan = Plan.model_validate_json(req.plan_json)
     t0 = time.monotonic()
     folder = preprocess_dataset(cfg.data_dir, plan, cfg.preprocessed_root, req.config)
@@ -215,6 +242,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.training.trainer import LocalTrainer, TrainConfig
 
     req, weights = unpack(msg.content, pm.TrainRequest)
+    _require_masked(cfg, req.secagg is not None, "model update and case count")
     plan = _load_plan(cfg, req.plan_hash)
     evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
     train_ids, _ = _split(cfg)
@@ -237,6 +265,10 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         return secure.train_reply(
             msg, cfg, req, {k[len("d/"):]: v for k, v in delta.items()}, len(train_ids),
             res.loss, evaluation, res.iterations, res.seconds, res.iterations_per_s)
+    if req.dp is not None:  # differential privacy: clipped + noise share before it leaves
+        from fedseg.client import secure
+
+        delta = secure.private_delta(cfg, req, delta)
     reply = pm.TrainReply(
         site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
         seconds=res.seconds, iterations_per_s=res.iterations_per_s, evaluation=evaluation,

@@ -68,6 +68,32 @@ def weighted_mean(deltas: list[State], weights: list[float]) -> State:
     return out
 
 
+class RunningMean:
+    """Weighted mean of updates folded in one at a time (float64 accumulator), so the server
+    never holds more than one site's update besides the sum; ``mean()`` equals
+    :func:`weighted_mean` of the same updates up to float64 rounding."""
+
+    def __init__(self) -> None:
+        self.sum: State = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, delta: State, weight: float) -> None:
+        for k, d in delta.items():
+            acc = self.sum.get(k)
+            if acc is None:
+                self.sum[k] = d.astype(np.float64) * weight
+            else:
+                acc += d.astype(np.float64) * weight
+        self.total += float(weight)
+        self.count += 1
+
+    def mean(self) -> State:
+        if self.total <= 0:
+            raise ValueError("weights must sum to > 0")
+        return {k: (v / self.total).astype(np.float32) for k, v in self.sum.items()}
+
+
 class ServerOptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -33,6 +33,9 @@ def main(grid: Grid, context: Context) -> None:
         raise SystemExit(f"fedseg: job config {job_file} not found on the server host")
     cfg = JobConfig.model_validate_json(job_file.read_text())
     run = RunDir(cfg.run_dir)
+    from fedseg.runtime.flower_latency import fast_object_pulls
+
+    fast_object_pulls()  # the sites' replies: retry after 50 ms, not 1-2-4-8 s (see that module)
     try:
         FederatedJob(grid, cfg, log=_log, run_id=int(context.run_id)).run_job()
     except FedsegError as err:

@@ -6,11 +6,13 @@ the file and the field (see :func:`load_toml`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedseg.config_io import load_toml  # noqa: F401  (re-export)
+from fedseg.privacy.dp import DPSettings
 from fedseg.server.aggregate import ServerOptimizerConfig
 
 
@@ -44,6 +46,11 @@ class JobConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
     plan_preset: Literal["nnunet", "tiny"] = "nnunet"
+    plan_file: str | None = Field(
+        default=None,
+        description="use this plan (JSON from 'fedseg plan' or a run's plan.json) instead of "
+        "planning from the federated fingerprint; the fingerprint phase is skipped and every "
+        "site must declare the plan's channels and labels")
     seed: int = 0
     resume: bool = False
     secure_aggregation: bool = Field(
@@ -63,18 +70,71 @@ class JobConfig(BaseModel):
         default=True,
         description="log each site's evaluation (Dice/HD95); false: with secure aggregation "
         "only the pooled evaluation, through the secure sum")
+    dp: DPSettings = Field(
+        default_factory=DPSettings,
+        description="[job.dp] differential privacy, off by default: enabled, clip_norm (L2 "
+        "bound of each site's update), noise_multiplier or target_epsilon, delta; each pooled "
+        "train record then logs dp_epsilon and dp_sigma (fedseg/privacy/dp.py)")
+
+    @model_validator(mode="after")
+    def _dp_reachable(self) -> JobConfig:
+        if self.dp.enabled:  # a target_epsilon no noise level reaches over `rounds` fails here
+            self.dp.resolve(self.rounds)
+        return self
+
+
+# files 'fedseg provision' writes into its folder, by the ServerConfig field they default
+SERVER_PKI_FILES = {"tls_certfile": "server.pem", "tls_keyfile": "server.key",
+                    "tls_ca_certfile": "ca.pem", "roster": "roster.json",
+                    "app_signing_key": "app-signing.key"}
 
 
 class ServerConfig(BaseModel):
-    """``server.toml``: the supervised SuperLink plus the job."""
+    """``server.toml``: the supervised SuperLink, the fleet proxy in front of it, and the job.
+
+    Sites reach ONLY ``host:port``, the fleet proxy, which forwards the SuperNode API
+    (``/v1/fleet/``) and nothing else to the SuperLink on ``127.0.0.1:superlink_port``: run
+    submission and key registration (Flower's Control API, which has no login) stay on loopback.
+    Security is on by default and comes from ONE folder, ``pki`` (what ``fedseg provision``
+    wrote); each file in it can be overridden by its own field."""
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=9092, ge=1, le=65535)
+    host: str = Field(default="0.0.0.0",
+                      description="public address of the fleet proxy: what the sites connect to")
+    port: int = Field(default=9092, ge=1, le=65535, description="public port (the fleet proxy)")
+    superlink_port: int = Field(
+        default=9093, ge=0, le=65535,
+        description="the SuperLink's port, bound to 127.0.0.1 only (0: pick a free one)")
     state_dir: str = Field(default="fedseg-server-state", description="SuperLink DB, logs")
-    insecure: bool = Field(default=False, description="plain HTTP; only allowed on loopback")
-    tls_certfile: str | None = None
-    tls_keyfile: str | None = None
-    tls_ca_certfile: str | None = None
+    insecure: bool = Field(
+        default=False, description="plain HTTP and no SuperNode authentication: a trial on "
+        "loopback only (refused unless host is a loopback address)")
+    pki: str | None = Field(
+        default=None, description="the folder 'fedseg provision' wrote: server.pem, "
+        "server.key, ca.pem, roster.json and app-signing.key are taken from it")
+    tls_certfile: str | None = Field(default=None, description="default PKI/server.pem")
+    tls_keyfile: str | None = Field(default=None, description="default PKI/server.key")
+    tls_ca_certfile: str | None = Field(default=None, description="default PKI/ca.pem")
+    roster: str | None = Field(
+        default=None, description="default PKI/roster.json: every site in it is registered "
+        "with the SuperLink (SuperNode authentication); also the job's roster unless [job] "
+        "sets one")
+    app_signing_key: str | None = Field(
+        default=None, description="default PKI/app-signing.key if the folder holds it: the "
+        "job is submitted as an app bundle signed with it (sites run only signed bundles); "
+        "\"\" = submit unsigned")
     job: JobConfig
+
+    def with_pki_defaults(self) -> ServerConfig:
+        """A copy in which every security file left unset is taken from ``pki``
+        (``app_signing_key`` only when the folder holds one)."""
+        if not self.pki:
+            return self.model_copy()
+        update = {}
+        for field, name in SERVER_PKI_FILES.items():
+            if getattr(self, field) is None:
+                path = Path(self.pki) / name
+                if field != "app_signing_key" or path.is_file():
+                    update[field] = str(path)
+        return self.model_copy(update=update)

@@ -45,21 +45,26 @@ from flwr.serverapp import Grid
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
 from fedseg.planning.plan import Plan
+from fedseg.privacy.dp import JobAccountant
 from fedseg.privacy.keys import SecAggAbort
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, payload_bytes, unpack
 from fedseg.server.aggregate import (
+    RunningMean,
     ServerOptimizer,
     State,
     UpdateRejected,
     check_update,
-    weighted_mean,
 )
 from fedseg.server.config import JobConfig
+from fedseg.server.replies import PullFailed, pull_ready
 from fedseg.server.rundir import RunDir
 from fedseg.server.secure_rounds import SecureAggregation
 
 Log = Callable[[str], None]
+
+POLL_S = 0.25  # how often the server asks the SuperLink for replies (Flower's own loop: 3 s)
+MAX_PULL_FAILURES = 120  # consecutive failed pulls (about a minute) before the job gives up
 
 _FLOWER_ERRORS = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
 
@@ -93,12 +98,37 @@ class FederatedJob:
         self.plan: Plan | None = None
         self.state = JobState()
         self.opt = ServerOptimizer(cfg.aggregation)
+        self.privacy: JobAccountant | None = None  # differential privacy (cfg.dp), by run_job
 
     # ------------------------------------------------------------------ messaging helpers
     def _send(
         self, node_ids: Iterable[int], mtype: str, content_for: Callable[[int], Any],
         timeout: float,
     ) -> dict[int, Message]:
+        """Send one message per node; the replies that came before ``timeout``, by node id."""
+        out: dict[int, Message] = {}
+
+        def keep(nid: int, reply: Message) -> None:
+            out[nid] = reply
+
+        self._exchange(node_ids, mtype, content_for, timeout, keep)
+        return out
+
+    def _exchange(
+        self, node_ids: Iterable[int], mtype: str, content_for: Callable[[int], Any],
+        timeout: float, on_reply: Callable[[int, Message], None],
+        after_push: Callable[[], None] | None = None,
+    ) -> set[int]:
+        """Send one message per node and hand each reply to ``on_reply`` AS IT ARRIVES; returns
+        the node ids that replied before ``timeout``.
+
+        Why not ``grid.send_and_receive``: it sleeps 3 s between polls, inflates every ready
+        reply at once and fails the job on one SuperLink error. Here the SuperLink is asked every
+        ``POLL_S`` (one call for all pending replies) and the ready replies are fetched one at a
+        time (``server/replies.py``), so a round ends a fraction of a second after its last site,
+        and the server holds at most ONE site's update in memory at a time (callers fold it into
+        a running sum and drop it): the server's peak RAM does not grow with the number of sites.
+        """
         msgs = []
         sent_bytes: dict[int, int] = {}
         node_ids = list(node_ids)
@@ -110,14 +140,37 @@ class FederatedJob:
             msgs.append(Message(content=content, dst_node_id=nid, message_type=mtype,
                                 ttl=timeout + 60.0))
         self._sent_bytes = sent_bytes
-        replies = self.grid.send_and_receive(msgs, timeout=timeout)
+        ids = list(self.grid.push_messages(msgs))
+        del msgs
+        if after_push is not None:
+            after_push()
         # Match replies to nodes by the instruction they answer: the error reply the SuperLink
         # makes for a dead node (NODE_UNAVAILABLE) comes FROM the SuperLink, not from the node.
-        by_msg = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
-        out: dict[int, Message] = {}
-        for r in replies:
-            out[by_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)] = r
-        return out
+        pending = {mid: nid for mid, nid in zip(ids, node_ids, strict=True) if mid}
+        replied: set[int] = set()
+        deadline = time.monotonic() + timeout
+        failures = 0
+        while pending and time.monotonic() < deadline:
+            got = False
+            try:
+                for reply in pull_ready(self.grid, list(pending)):
+                    nid = pending.pop(reply.metadata.reply_to_message_id, None)
+                    if nid is None:
+                        continue
+                    got = True
+                    replied.add(nid)
+                    on_reply(nid, reply)
+                    del reply
+                failures = 0
+            except PullFailed as err:  # e.g. SQLite "database is locked" under load: retry
+                failures += 1
+                if failures >= MAX_PULL_FAILURES:
+                    raise FedsegError(f"{mtype}: the SuperLink failed {failures} pulls in a row; "
+                                      f"last: {err}") from None
+                self.log(f"{mtype}: {err} (retrying)")
+            if pending and not got:
+                time.sleep(POLL_S)
+        return replied
 
     def _name(self, nid: int) -> str:
         s = self.sites.get(nid)
@@ -249,6 +302,24 @@ class FederatedJob:
                       "gpu_memory_gb": budget, "secure_aggregation": self.secure is not None})
         return plan
 
+    def fixed_plan(self, path: Path) -> Plan:
+        """The job's ``plan_file``: checked against what the sites declared, saved as the run's
+        plan. No fingerprint leaves the sites."""
+        from fedseg.config_io import load_json_model
+
+        plan = load_json_model(path, Plan, "no such plan file; fix the job's 'plan_file'")
+        for s in self.sites.values():
+            if s.info.channel_names != plan.channel_names or s.info.labels != plan.labels:
+                raise FedsegError(
+                    f"{path}: the plan's channels {plan.channel_names} / labels {plan.labels} "
+                    f"differ from site '{s.info.site}' ({s.info.channel_names} / {s.info.labels}); "
+                    "use a plan made for this data"
+                )
+        plan.save(self.run.plan_path)
+        self.run.log({"phase": "plan", "plan_hash": plan.hash(), "sites": len(self.sites),
+                      "plan_file": str(path), "secure_aggregation": self.secure is not None})
+        return plan
+
     def _secure_fingerprint_sum(self) -> np.ndarray:
         """Exact secure sum of the fingerprints (``secure_rounds.fingerprint_sum``); round 1's
         keys are advertised with the fingerprint reply."""
@@ -329,14 +400,26 @@ class FederatedJob:
         return ok
 
     def init_weights(self) -> State:
-        import torch
-
-        from fedseg.models.network import build_network
+        """The untrained network's weights, made in a SUBPROCESS (``fedseg.models.init``) so the
+        ServerApp never imports torch/MONAI: ~300 MB less server memory for the whole run."""
+        import subprocess
+        import sys
+        import tempfile
 
         assert self.plan is not None
-        torch.manual_seed(self.cfg.seed)
-        net = build_network(self.plan)
-        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+        with tempfile.TemporaryDirectory(prefix="fedseg-init-") as tmp:
+            plan_path, out = Path(tmp) / "plan.json", Path(tmp) / "weights.npz"
+            self.plan.save(plan_path)
+            res = subprocess.run(
+                [sys.executable, "-m", "fedseg.models.init", str(plan_path), str(out),
+                 "--seed", str(self.cfg.seed)],
+                capture_output=True, text=True, timeout=1800,
+            )
+            if res.returncode != 0:
+                raise FedsegError("could not build the initial network: "
+                                  + (res.stderr.strip().splitlines() or ["?"])[-1])
+            with np.load(out, allow_pickle=False) as z:
+                return {k: z[k].astype(np.float32) for k in z.files}
 
     def refresh_sites(self) -> None:
         """Enrol and prepare nodes that (re)joined since the last round; forget vanished ones.
@@ -402,13 +485,16 @@ class FederatedJob:
             global_total_iterations=total_its, plan_hash=self.plan.hash(),
             proximal_mu=cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
             seed=cfg.seed, evaluate_first=evaluate_first,
+            dp=pm.DPParams.for_round(self.privacy.config, len(nodes)) if self.privacy else None,
         )
         content = pack(req, self.state.weights)
-        replies = self._send(nodes, pm.TRAIN, lambda _: content, timeout=cfg.round_timeout_s)
-        deltas, weights, losses, evals = [], [], [], []
-        for nid in nodes:
+        acc = RunningMean()
+        losses: list[tuple[float, int]] = []
+        evals: list[tuple[str, pm.EvalReply]] = []
+
+        def take(nid: int, r: Message | None) -> None:
+            """Check one reply and fold its update into the running mean (then it is dropped)."""
             name = self._name(nid)
-            r = replies.get(nid)
             err = self._reply_error(r)
             rec: dict[str, Any] = {"phase": "train", "round": rnd, "site": name,
                                    "bytes_sent": self._sent_bytes.get(nid, 0)}
@@ -416,19 +502,19 @@ class FederatedJob:
                 try:
                     rep, arrays = unpack(r.content, pm.TrainReply)
                     delta = {k[len("d/"):]: v for k, v in arrays.items() if k.startswith("d/")}
-                    norm = check_update(delta, self.state.weights, cfg.max_update_norm)
+                    bound = None if self.privacy else cfg.max_update_norm  # DP: noise adds norm
+                    norm = check_update(delta, self.state.weights, bound)
                 except (pm.ProtocolError, UpdateRejected) as rej:
                     rec.update(status="rejected", reason=str(rej),
                                bytes_received=payload_bytes(r.content))
                     self.log(f"round {rnd}: update from '{name}' rejected: {rej}")
                     self.run.log(rec)
-                    continue
+                    return
                 rec.update(status="ok", loss=rep.loss, cases=rep.num_cases,
                            iterations=rep.iterations, seconds=rep.seconds,
                            it_per_s=rep.iterations_per_s, update_norm=norm,
                            bytes_received=payload_bytes(r.content))
-                deltas.append(delta)
-                weights.append(float(rep.num_cases))
+                acc.add(delta, 1.0 if self.privacy else float(rep.num_cases))  # DP: unweighted
                 losses.append((rep.loss, rep.num_cases))
                 if rep.evaluation is not None:
                     evals.append((name, rep.evaluation))
@@ -436,21 +522,29 @@ class FederatedJob:
                 rec.update(status="dropped", reason=err)
                 self.log(f"round {rnd}: site '{name}' dropped: {err}")
             self.run.log(rec)
+
+        box = [content]  # dropped as soon as it is pushed: one copy of the model less
+        del content
+        replied = self._exchange(nodes, pm.TRAIN, lambda _: box[0], cfg.round_timeout_s, take,
+                                 after_push=box.clear)
+        for nid in nodes:
+            if nid not in replied:
+                take(nid, None)
         if evals:
-            self._log_eval(rnd - 1, evals)
+            self._log_eval(rnd - 1, sorted(evals, key=lambda e: e[0]))
         pooled: dict[str, Any] = {"phase": "train", "round": rnd, "site": "pooled",
-                                  "sites_ok": len(deltas), "sites_asked": len(nodes)}
-        if len(deltas) < cfg.min_sites:
+                                  "sites_ok": acc.count, "sites_asked": len(nodes)}
+        if acc.count < cfg.min_sites:
             pooled.update(status="too_few_sites", seconds=round(time.monotonic() - t0, 3),
-                          reason=f"{len(deltas)} good update(s), min_sites={cfg.min_sites}")
+                          reason=f"{acc.count} good update(s), min_sites={cfg.min_sites}")
             self.run.log(pooled)
             return pooled
-        mean_delta = weighted_mean(deltas, weights)
-        self.state.weights = self.opt.step(self.state.weights, mean_delta)
+        self.state.weights = self.opt.step(self.state.weights, acc.mean())
         pooled.update(
             status="ok",
             loss=float(sum(lo * n for lo, n in losses) / max(1, sum(n for _, n in losses))),
-            cases=int(sum(weights)), seconds=round(time.monotonic() - t0, 3),
+            cases=int(sum(n for _, n in losses)), seconds=round(time.monotonic() - t0, 3),
+            **(self.privacy.release(len(nodes), acc.count) if self.privacy else {}),
         )
         self.run.log(pooled)
         return pooled
@@ -486,9 +580,8 @@ class FederatedJob:
         self.run.set_status(latest_dice=mean, latest_eval_round=after_round)
         if after_round > 0 and mean > self.state.best_dice:
             self.state.best_dice = mean
-            best = self.run.load_checkpoint("last")
-            if best is not None and best.get("round") == after_round:
-                self.run.save_checkpoint("best", best)
+            if self.state.round == after_round and self.run.checkpoint_path("last").exists():
+                self.run.copy_checkpoint("last", "best")
         return mean
 
     def final_evaluation(self) -> None:
@@ -556,6 +649,10 @@ class FederatedJob:
                 )
         self.run.set_status(phase="enrolment", round=self.state.round, rounds=cfg.rounds,
                             state="running", error=None)
+        if cfg.dp.enabled:  # ε composes over the whole job, resumes included (fedseg/privacy/dp.py)
+            self.privacy = JobAccountant(cfg.dp.resolve(cfg.rounds),
+                                         Path(cfg.run_dir) / "dp_accountant.json", resuming)
+            self.log(f"differential privacy on: {self.privacy.config.model_dump()}")
         if cfg.secure_aggregation:
             self._start_secure_aggregation(resuming)
         nodes = self.wait_for_nodes(cfg.min_sites, cfg.enrol_timeout_s)
@@ -573,6 +670,8 @@ class FederatedJob:
             self.run.log({"phase": "resume", "round": self.state.round, "rounds": cfg.rounds,
                           "plan_hash": self.plan.hash(), "sites": len(self.sites),
                           "optimizer_state": bool(self.opt.m or self.opt.v)})
+        elif cfg.plan_file:
+            self.plan = self.fixed_plan(Path(cfg.plan_file))
         else:
             self.plan = self.fingerprint_and_plan()
         if not resuming:
@@ -622,7 +721,7 @@ class FederatedJob:
             )
         self.secure = SecureAggregation(cfg.roster, cfg.secagg_threshold, cfg.secagg_clip,
                                         cfg.job_id or Path(cfg.run_dir).name, self.run_id)
-        if resuming:
+        if resuming or cfg.plan_file:  # no fingerprint sum: the keys are the next round's
             rid = self.secure.new_round("train", self.state.round + 1)
             self.secure.next_train[self.state.round + 1] = rid
         else:

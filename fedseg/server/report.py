@@ -71,7 +71,7 @@ def write_report(run: RunDir) -> Path:
         *[f"- round {r.get('round', '-')}, {r.get('site', r.get('node'))}: {r['status']} "
           f"({r.get('reason', '')})" for r in drops],
         "",
-        "Files: `plan.json`, `metrics.jsonl`, `checkpoints/last.pt`, `checkpoints/best.pt`, "
+        "Files: `plan.json`, `metrics.jsonl`, `checkpoints/last.npz`, `checkpoints/best.npz`, "
         "`model/` (use with `fedseg predict --model`).",
         "",
     ]

@@ -27,6 +27,12 @@ Each site checks its own before masking (finite, L2 norm <= ``max_update_norm``;
 ``fedseg/client/secure.py``) and the server checks the unmasked SUM (finite; the number of
 clipped values is logged). A malicious site can still send a bad (finite, clipped) update:
 that is the price of not seeing individual updates.
+
+Differential privacy (job ``dp``, off by default; ``fedseg/privacy/dp.py``): the TRAIN message
+carries ``DPParams`` with n = the sites asked; each site clips its delta to S and adds its noise
+share before masking, UNWEIGHTED, and the server divides the unmasked sum by the number m of
+survivors and accounts the release with noise multiplier z·√(m/n) (``dp_epsilon`` and
+``dp_sigma`` in the pooled record).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from fedseg.privacy.secagg import (
     ShareKeysRequest,
 )
 from fedseg.protocol import messages as pm
-from fedseg.protocol.records import pack, payload_bytes, unpack
+from fedseg.protocol.records import array_record, pack, payload_bytes, unpack
 
 if TYPE_CHECKING:
     from fedseg.server.job import FederatedJob
@@ -371,6 +377,8 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
     classes = eval_classes(job)
     scale = case_scale(job)
     total_its = cfg.rounds * cfg.local_iterations
+    priv = getattr(job, "privacy", None)  # differential privacy: fedseg/privacy/dp.py
+    dp = pm.DPParams.for_round(priv.config, len(nodes)) if priv is not None else None
 
     def content(nid: int):
         req = pm.TrainRequest(
@@ -384,15 +392,16 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
                             advertise=[next_rid] if next_rid else []),
             max_update_norm=cfg.max_update_norm, case_scale=scale,
             per_site_metrics=cfg.per_site_metrics,
-            eval_classes=classes if len(layout[1]) > 2 else [],
+            eval_classes=classes if len(layout[1]) > 2 else [], dp=dp,
         )
-        return pack(req, job.state.weights)
+        return pack(req, record=weights[0])
 
-    replies = job._send(nodes, pm.TRAIN, content, timeout=cfg.round_timeout_s)
-    evals = []
-    for nid in nodes:
+    weights = [array_record(job.state.weights)]  # one copy for every site's message
+    evals: list[tuple[str, pm.EvalReply]] = []
+
+    def take(nid: int, r: Message | None) -> None:
+        """Fold one masked upload into the running sum as it arrives (then it is dropped)."""
         name = job._name(nid)
-        r = replies.get(nid)
         rec: dict[str, Any] = {"phase": "train", "round": rnd, "site": name,
                                "bytes_sent": job._sent_bytes.get(nid, 0)}
         rep, arrays, err = _reply_part(job, nid, r, pm.TrainReply)
@@ -406,7 +415,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
                 rec.update(status="rejected", reason=err)
                 job.log(f"round {rnd}: update from '{name}' rejected: {err}")
                 job.run.log(rec)
-                continue
+                return
             rec.update(status="ok", iterations=rep.iterations, seconds=rep.seconds,
                        it_per_s=rep.iterations_per_s)
             if rep.evaluation is not None:
@@ -418,8 +427,14 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             rec.update(status="rejected" if rejected else "dropped", reason=err)
             job.log(f"round {rnd}: site '{name}' {rec['status']}: {err}")
         job.run.log(rec)
+
+    replied = job._exchange(nodes, pm.TRAIN, content, cfg.round_timeout_s, take,
+                            after_push=weights.clear)
+    for nid in nodes:
+        if nid not in replied:
+            take(nid, None)
     if evals:
-        job._log_eval(rnd - 1, evals)
+        job._log_eval(rnd - 1, sorted(evals, key=lambda e: e[0]))
     ok = len(a.server._peers)
     pooled["sites_ok"] = ok
     if ok < need:
@@ -432,10 +447,14 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
     except SecAggAbort as err:
         _event(job, step="unmask", round_id=rid, status="aborted", reason=str(err))
         return fail(f"unmasking failed: {err}")
+    if dp is not None:  # the noised sum is out: account it even if it is not applied below
+        pooled.update(priv.release(dp.n_sites, len(res.survivors)))
     n_total = res.num_samples
     if n_total <= 0:
         return fail("the summed case count is 0")
-    mean_flat = res.float_sum * (scale / n_total)
+    # DP: unweighted mean of the clipped, noised deltas (why: fedseg/privacy/dp.py, Weighting)
+    mean_flat = (res.float_sum / len(res.survivors) if dp is not None
+                 else res.float_sum * (scale / n_total))
     if not np.isfinite(mean_flat).all():
         return fail("the unmasked sum is not finite; not applied")
     mean_delta = {k: v.astype(np.float32) for k, v in agg.unflatten(mean_flat, shapes(job)).items()}
