@@ -209,9 +209,13 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+LS_EVERY_S = 30.0
+
+
 def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool = False) -> str:
     """Print progress until the run finishes; returns Flower's final status string."""
     deadline = time.monotonic() + timeout
+    next_ls = time.monotonic() + LS_EVERY_S
     last = ""
     seen = 0
     while time.monotonic() < deadline:
@@ -235,12 +239,17 @@ def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: boo
         if line != last and not quiet:
             print(line, flush=True)
             last = line
-        status = fed.run_status(run_id)
-        if status.startswith("finished"):
-            return status
+        # ``flwr ls`` is a fresh Python process (~1 CPU-second): ask it only when the run folder
+        # says the job ended, or every LS_EVERY_S as a safety net, not on every poll
+        now = time.monotonic()
+        if st.get("state") in ("finished", "failed", "stopped") or now >= next_ls:
+            status = fed.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            next_ls = now + (2.0 if st.get("state") in ("finished", "failed") else LS_EVERY_S)
         if fed.superlink is not None and fed.superlink.poll() is not None:
             raise FedsegError(f"the SuperLink exited; see {fed.superlink.log_path}")
-        time.sleep(2.0)
+        time.sleep(1.0)
     raise FedsegError(f"the run did not finish within {timeout:.0f} s; see {run.root}")
 
 

@@ -247,7 +247,8 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
     train_ids, _ = _split(cfg)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
-    tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations)
+    tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
+                       save_weights=False)  # the server sends them every round
     trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
                            case_ids=train_ids)
     import torch

@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     compile: bool = Field(default=False, description="torch.compile the network (CUDA only)")
     num_workers: int | None = Field(default=None, ge=0, description="loader processes; None=auto")
     seed: int = Field(default=0, ge=0)
+    save_weights: bool = Field(
+        default=True, description="keep the network's weights in the saved state; a federated "
+        "site does not (the server sends the weights every round: half the state to write)")
     grad_clip: float = Field(default=12.0, gt=0)
     checkpoint_every: int = Field(default=250, ge=1, description="train_local: iterations")
 
@@ -329,7 +332,8 @@ class LocalTrainer:
             raise FedsegError(
                 f"{self.state_path}: made with a different plan; use a new folder or delete it"
             )
-        self.net.load_state_dict(st["model"])
+        if st.get("model") is not None:
+            self.net.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.iteration = int(st["iteration"])
         torch.set_rng_state(st["rng_cpu"])
@@ -351,7 +355,7 @@ class LocalTrainer:
                 "plan_hash": self.plan.hash(),
                 "config": self.cfg.config,
                 "iteration": self.iteration,
-                "model": self.weights(),
+                "model": self.weights() if self.cfg.save_weights else None,
                 "optimizer": opt,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(self.device) if self.cuda else None,
