@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from bench.common import model_arrays
-from bench.flower_apps.timing import RoundClock
+from bench.flower_apps.timing import RoundClock, check_update
 
 NUM_EXAMPLES = 100
 
@@ -37,21 +37,28 @@ class TimedFedAvg(FedAvg):
     def __init__(self, clock: RoundClock, **kwargs) -> None:
         super().__init__(**kwargs)
         self.clock = clock
+        self._sent: ArrayRecord | None = None
+        self._aggregate: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.clock.start(server_round)
+        self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         out = super().aggregate_train(server_round, replies)
         self.clock.mark(server_round, "train_aggregated")
+        self._aggregate = out[0]
         return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         out = super().aggregate_evaluate(server_round, replies)
         self.clock.end(server_round)
+        if self._sent is not None and self._aggregate is not None:  # outside the timed span
+            check_update(self.clock, self._sent.to_numpy_ndarrays(),
+                         self._aggregate.to_numpy_ndarrays())
         return out
 
 

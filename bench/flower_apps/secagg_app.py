@@ -21,16 +21,16 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_evaluate_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from bench.common import model_arrays
-from bench.flower_apps.timing import RoundClock
+from bench.flower_apps.timing import RoundClock, check_update
 
 NUM_EXAMPLES = 100
 
@@ -42,7 +42,7 @@ def _round(context: LegacyContext) -> int:
 
 
 class TimedFedAvg(FedAvg):
-    """Legacy FedAvg that records the dtype the SecAgg+ aggregate comes back with."""
+    """Legacy FedAvg that counts the results and failures of each SecAgg+ aggregation."""
 
     def __init__(self, clock: RoundClock, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -50,10 +50,6 @@ class TimedFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         out = super().aggregate_fit(server_round, results, failures)
-        params = out[0]
-        if params is not None and "aggregate_dtypes" not in self.clock.extra:
-            arrays = parameters_to_ndarrays(params)
-            self.clock.extra["aggregate_dtypes"] = sorted({str(a.dtype) for a in arrays})
         self.clock.extra.setdefault("fit_results_per_round", []).append(len(results))
         self.clock.extra.setdefault("fit_failures_per_round", []).append(len(failures))
         return out
@@ -79,15 +75,20 @@ def main(grid: Grid, context: Context) -> None:
                            strategy=strategy)
     secagg = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
 
+    sent: dict = {}
+
     def fit_workflow(grid: Grid, ctx: Context) -> None:
         rnd = _round(ctx)  # type: ignore[arg-type]
         clock.start(rnd)
+        sent["arrays"] = ctx.state.array_records[MAIN_PARAMS_RECORD]
         secagg(grid, ctx)
         clock.mark(rnd, "train_aggregated")
 
     def evaluate_workflow(grid: Grid, ctx: Context) -> None:
         default_evaluate_workflow(grid, ctx)
         clock.end(_round(ctx))  # type: ignore[arg-type]
+        new = ctx.state.array_records[MAIN_PARAMS_RECORD]  # outside the timed span
+        check_update(clock, sent["arrays"].to_numpy_ndarrays(), new.to_numpy_ndarrays())
 
     DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)(grid, legacy)
     clock.extra["completed"] = True

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 class RoundClock:
     """``start(r)`` when round r begins, ``mark(r, name)`` at its phase ends, ``end(r)`` when it is
@@ -44,3 +46,16 @@ class RoundClock:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+def check_update(clock: RoundClock, prev: list[np.ndarray], new: list[np.ndarray]) -> None:
+    """Sanity check, outside the timed span: the global model changed by the clients' noise
+    averaged over the sites (RMS ~ noise-std / sqrt(sites)), has as many elements as sent, and
+    note its dtype. Appended to ``clock.extra["update_check"]`` and written out."""
+    numel = sum(int(a.size) for a in new)
+    sq = sum(float(np.square(n.astype(np.float64) - p.astype(np.float64)).sum())
+             for p, n in zip(prev, new, strict=True))
+    clock.extra.setdefault("update_check", []).append({
+        "elements": numel, "rms_change": (sq / max(1, numel)) ** 0.5,
+        "dtypes": sorted({str(a.dtype) for a in new})})
+    clock.write()

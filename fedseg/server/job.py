@@ -58,7 +58,7 @@ from fedseg.server.aggregate import (
 )
 from fedseg.server.config import JobConfig
 from fedseg.server.replies import PullFailed, pull_ready
-from fedseg.server.rundir import RunDir
+from fedseg.server.rundir import RunDir, memory_mb
 from fedseg.server.secure_rounds import SecureAggregation
 
 Log = Callable[[str], None]
@@ -545,6 +545,7 @@ class FederatedJob:
             loss=float(sum(lo * n for lo, n in losses) / max(1, sum(n for _, n in losses))),
             cases=int(sum(n for _, n in losses)), seconds=round(time.monotonic() - t0, 3),
             **(self.privacy.release(len(nodes), acc.count) if self.privacy else {}),
+            **memory_mb(),
         )
         self.run.log(pooled)
         return pooled

@@ -148,3 +148,17 @@ class RunDir:
             for p, v in index["scalars"]:
                 put(p, v)
         return out
+
+
+def memory_mb() -> dict[str, float]:
+    """This ServerApp process's memory now and at its peak (MB; Linux), for metrics.jsonl: the
+    server's RAM is a sizing figure a consortium needs (docs/deploy.md)."""
+    import resource
+
+    out = {"server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        with open("/proc/self/statm") as f:
+            out["server_rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out

@@ -60,6 +60,7 @@ from fedseg.privacy.secagg import (
 )
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import array_record, pack, payload_bytes, unpack
+from fedseg.server.rundir import memory_mb
 
 if TYPE_CHECKING:
     from fedseg.server.job import FederatedJob
@@ -468,7 +469,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
                   secagg={"round_id": res.round_id, "survivors": res.survivors,
                           "dropped": res.dropped, "recovered": bool(res.dropped),
                           "excluded": res.excluded, "num_clipped": res.num_clipped,
-                          "exchanges": exchanges})
+                          "exchanges": exchanges}, **memory_mb())
     job.run.log(pooled)
     return pooled
 
