@@ -69,6 +69,10 @@ class Federation:
         self.nodes: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}  # site name -> its worker process
         self.site_workers = site_workers
+        # in memory: Flower 1.42 keeps every message's arrays in its state database, and an
+        # SQLite file costs seconds per round at nnU-Net model sizes; a simulation resumes from
+        # fedseg's own checkpoint anyway (fedseg-server chooses: superlink_database)
+        self.superlink_database = ":flwr-in-memory:"
         self.port = 0
         self.pki = work / "pki"
         # the sites' node config require-secure-aggregation: False lets them answer plain rounds
@@ -100,10 +104,9 @@ class Federation:
 
     def start_superlink(self) -> None:
         self.port = self.port or free_port()
-        db = self.work / "superlink.db"
         self.ensure_pki()
         self.superlink = ManagedProcess(
-            "flower-superlink", superlink_argv(self.port, database=str(db)),
+            "flower-superlink", superlink_argv(self.port, database=self.superlink_database),
             self.work / "logs" / "superlink.log", self.env, cwd=self.work,
         ).start()
         wait_for_port("127.0.0.1", self.port, 60, self.superlink)

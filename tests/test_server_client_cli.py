@@ -530,3 +530,51 @@ def test_simulated_sites_get_the_requirement(tmp_path: Path, site_data: Path,
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def _worker_pids(log: Path) -> list[int]:
+    import re
+
+    if not log.is_file():
+        return []
+    return [int(m) for m in re.findall(r"taking ClientApp tasks from \S+ \(pid (\d+)\)", log.read_text())]
+
+
+def test_client_restarts_a_dead_site_worker(tmp_path: Path) -> None:
+    """fedseg-client supervises the site worker next to the SuperNode: a worker that dies (OOM,
+    SIGKILL) is started again, and stopping the client stops both (no process left)."""
+    from fedseg.data.demo import make_demo_data
+
+    data = make_demo_data(tmp_path / "data", sites=1, cases=2, test_cases=0)[0]
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [str(BIN_DIR / "fedseg-client"), "--site", data.name, "--data", str(data),
+         "--server", f"127.0.0.1:{free_port()}", "--insecure", "--cache", str(cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+        start_new_session=True,
+    )
+    log = cache / "logs" / "worker.log"
+    try:
+        deadline = time.monotonic() + 180
+        while not _worker_pids(log) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        pids = _worker_pids(log)
+        assert pids, (log.read_text() if log.is_file() else "no worker log")
+        tree = descendants(proc.pid)
+        assert pids[0] in tree
+        os.kill(pids[0], signal.SIGKILL)
+        while len(_worker_pids(log)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        pids = _worker_pids(log)
+        assert len(pids) == 2 and pids[1] != pids[0], log.read_text()
+        assert pid_alive(pids[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert "site worker exited" in out and "restarting it" in out, out
+    time.sleep(1.0)
+    assert not any(pid_alive(p) for p in _worker_pids(log))

@@ -235,6 +235,45 @@ def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -
                         hd95_per_class=hd, seconds=secs)
 
 
+class _TrainerCache:
+    """The last LocalTrainer, kept between rounds in a long-lived site worker
+    (``client/worker.py``): no network rebuild, no state reload, data loader and (on a GPU) the
+    compiled graph kept warm. Its state is still saved to disk every round (a crash loses
+    nothing); a cached trainer is used only while the state file on disk is the one it wrote
+    itself, so anything else that touched the state (another process, a restore) wins. Batches
+    depend only on (seed, iteration), so a cached trainer trains exactly like a rebuilt one."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.trainer = None
+        self.signature: tuple[int, int] | None = None
+
+    @staticmethod
+    def _signature(state_dir: Path) -> tuple[int, int] | None:
+        from fedseg.training.trainer import STATE_FILE
+
+        try:
+            st = (state_dir / STATE_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def take(self, key: tuple, state_dir: Path):
+        """The cached trainer for ``key`` (removed from the cache: a round that fails midway
+        must not leave a half-updated trainer behind), or None."""
+        hit = (self.trainer if self.key == key and self.signature is not None
+               and self._signature(state_dir) == self.signature else None)
+        self.key = self.trainer = self.signature = None  # one at a time: free the old one
+        return hit
+
+    def put(self, key: tuple, trainer) -> None:
+        self.key, self.trainer = key, trainer
+        self.signature = self._signature(trainer.state_dir)
+
+
+_TRAINERS = _TrainerCache()
+
+
 @app.train()
 @_handler
 def train(msg: Message, cfg: SiteConfig) -> Message:
@@ -249,8 +288,11 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
                        save_weights=False)  # the server sends them every round
-    trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
-                           case_ids=train_ids)
+    key = (str(state_dir), plan.hash(), tcfg.model_dump_json(), tuple(train_ids))
+    trainer = _TRAINERS.take(key, state_dir)
+    if trainer is None:
+        trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
+                               case_ids=train_ids)
     import torch
 
     res = trainer.train_iterations(
@@ -258,6 +300,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         req.local_iterations, req.global_iteration_start, req.global_total_iterations,
         proximal_mu=req.proximal_mu,
     )
+    _TRAINERS.put(key, trainer)
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
     delta = _fault_injected(delta, req.round)  # test hook, off by default (module docstring)
     if req.secagg is not None:  # checked here, weighted, clipped and masked: see client/secure.py

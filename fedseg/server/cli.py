@@ -243,7 +243,9 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
     registry = AppRegistry(SUPERLINK_HOST) if sec.signing else None
     fed.superlink = ManagedProcess(
         "flower-superlink",
-        superlink_argv(port, host=SUPERLINK_HOST, database=str(state / "superlink.db"),
+        superlink_argv(port, host=SUPERLINK_HOST,
+                       database=(str(state / "superlink.db") if cfg.superlink_database == "disk"
+                                 else ":flwr-in-memory:"),
                        insecure=ssl is None, ssl=ssl, enable_auth=ssl is not None),
         state / "logs" / "superlink.log",
         {**fed.env, **(superlink_registry_env(registry) if registry else {})}, cwd=state,

@@ -107,6 +107,13 @@ class ServerConfig(BaseModel):
         default=9093, ge=0, le=65535,
         description="the SuperLink's port, bound to 127.0.0.1 only (0: pick a free one)")
     state_dir: str = Field(default="fedseg-server-state", description="SuperLink DB, logs")
+    superlink_database: Literal["disk", "memory"] = Field(
+        default="disk",
+        description="disk: the SuperLink's state in STATE_DIR/superlink.db (SQLite); Flower 1.42 "
+        "then also stores every message's arrays in that file, which costs time per round at "
+        "nnU-Net model sizes (BENCHMARKS.md). memory: faster; nothing fedseg needs is lost on a "
+        "restart (the job resumes from its own checkpoint, site keys are registered again at "
+        "every start)")
     insecure: bool = Field(
         default=False, description="plain HTTP and no SuperNode authentication: a trial on "
         "loopback only (refused unless host is a loopback address)")

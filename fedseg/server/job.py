@@ -31,6 +31,7 @@ skip, or fail). A crashed server resumes from the last checkpoint (``run_job`` w
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class FederatedJob:
         self.plan: Plan | None = None
         self.state = JobState()
         self.opt = ServerOptimizer(cfg.aggregation)
+        self._checkpoint_thread: threading.Thread | None = None
+        self._checkpoint_error: Exception | None = None
         self.privacy: JobAccountant | None = None  # differential privacy (cfg.dp), by run_job
 
     # ------------------------------------------------------------------ messaging helpers
@@ -581,6 +584,7 @@ class FederatedJob:
         self.run.set_status(latest_dice=mean, latest_eval_round=after_round)
         if after_round > 0 and mean > self.state.best_dice:
             self.state.best_dice = mean
+            self.wait_checkpoint()
             if self.state.round == after_round and self.run.checkpoint_path("last").exists():
                 self.run.copy_checkpoint("last", "best")
         return mean
@@ -611,13 +615,37 @@ class FederatedJob:
             self._log_eval(self.state.round, evals)
 
     def checkpoint(self) -> None:
-        self.run.save_checkpoint("last", {
+        """Write ``last`` in a background thread: the next round's messages go out while the
+        file (the model plus the server optimiser's moments, fsync'ed) is written. The write is
+        atomic, so a crash meanwhile leaves the previous round's checkpoint (resume repeats one
+        round). The weights dict is replaced, never mutated, by every step, so the thread writes
+        a consistent snapshot."""
+        self.wait_checkpoint()
+        state = {
             "round": self.state.round,
             "weights": self.state.weights,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": {k: dict(v) for k, v in self.opt.state_dict().items()},
             "best_dice": self.state.best_dice,
             "plan_hash": self.plan.hash() if self.plan else "",
-        })
+        }
+
+        def write() -> None:
+            try:
+                self.run.save_checkpoint("last", state)
+            except Exception as err:  # reported by wait_checkpoint, in the job's thread
+                self._checkpoint_error = err
+
+        self._checkpoint_thread = threading.Thread(target=write, name="checkpoint")
+        self._checkpoint_thread.start()
+
+    def wait_checkpoint(self) -> None:
+        """Until the last checkpoint is on disk; a failed write stops the job here."""
+        t, self._checkpoint_thread = self._checkpoint_thread, None
+        if t is not None:
+            t.join()
+        err, self._checkpoint_error = self._checkpoint_error, None
+        if err is not None:
+            raise FedsegError(f"could not write {self.run.checkpoint_path('last')}: {err}")
 
     def restore(self) -> bool:
         ck = self.run.load_checkpoint("last")
@@ -705,6 +733,7 @@ class FederatedJob:
             self.log(f"round {rnd}/{cfg.rounds} done: {json.dumps(pooled)}")
             rnd += 1
         self.refresh_sites()
+        self.wait_checkpoint()
         self.final_evaluation()
         self.export()
         self.run.set_status(phase="done", state="finished", round=self.state.round)
@@ -750,3 +779,4 @@ class FederatedJob:
 
 def unpack_error(reply: Message) -> tuple[pm.ErrorReply, dict]:
     return unpack(reply.content, pm.ErrorReply)  # type: ignore[return-value]
+
