@@ -79,22 +79,12 @@ _PROC = Path("/proc")
 
 
 def _children_map() -> dict[int, list[int]]:
+    """pid -> child pids, from fedseg's own /proc walk (``runtime/processes.py``)."""
+    from fedseg.runtime.processes import _parent_map
+
     children: dict[int, list[int]] = {}
-    try:
-        entries = list(_PROC.iterdir())
-    except OSError:
-        return children
-    for d in entries:
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ..." - comm may hold spaces and parentheses
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(d.name))
+    for pid, parent in _parent_map().items():
+        children.setdefault(parent, []).append(pid)
     return children
 
 
@@ -259,3 +249,24 @@ def round_stats(times: list[float]) -> dict:
     else:
         out.update(mean=None, median=None, min=None, max=None)
     return out
+
+
+def run_configs(name: str, configs: list, run_one: Callable[..., dict],
+                table: Callable[[list[dict]], str], out: Path, argv: list[str]) -> list[dict]:
+    """Run ``run_one(*config)`` for each config of a comparison bench, printing each row's table
+    and rewriting ``out`` (JSON: bench, command, seconds, rows) after every config, so a long
+    run that is stopped keeps what it measured."""
+    import json
+
+    rows: list[dict] = []
+    t0 = time.monotonic()
+    for cfg in configs:
+        print(f"== {cfg[0] / 1e6:.0f}M x {cfg[1]} sites", flush=True)
+        rows.append(run_one(*cfg))
+        print(table(rows[-1:]), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "bench": name, "command": f"python bench/{name}.py " + " ".join(argv),
+            "seconds": round(time.monotonic() - t0, 1), "rows": rows}, indent=2) + "\n")
+    print(table(rows))
+    return rows

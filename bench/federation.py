@@ -19,9 +19,7 @@ server peak RAM (SuperLink + ServerApp process trees) <= 3 x model size + 1 GB.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +27,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from common import run_configs  # noqa: E402
 from fedseg_run import run_fedseg  # noqa: E402
 
 from bench.flower_baseline import run_flower, wait_quiet  # noqa: E402
@@ -88,19 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=120.0, metavar="S",
                     help="before each run wait up to S s for the rest of the machine to idle")
     a = ap.parse_args(argv)
-    rows: list[dict] = []
-    t0 = time.monotonic()
-    for params in a.params:
-        for sites in a.sites:
-            print(f"== {params / 1e6:.0f}M x {sites} sites", flush=True)
-            rows.append(compare(a.work, int(params), sites, a.rounds, a.wait_quiet))
-            print(table(rows[-1:]), flush=True)
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps({
-                "bench": "federation", "command": "python bench/federation.py " + " ".join(
-                    sys.argv[1:] if argv is None else argv),
-                "seconds": round(time.monotonic() - t0, 1), "rows": rows}, indent=2) + "\n")
-    print(table(rows))
+    configs = [(int(p), n) for p in a.params for n in a.sites]
+    run_configs("federation", configs,
+                lambda p, n: compare(a.work, p, n, a.rounds, a.wait_quiet), table, a.json,
+                sys.argv[1:] if argv is None else argv)
     return 0
 
 

@@ -17,9 +17,7 @@ Targets (issue #4): secure <= 1.10 x plain round time at 30M x 5; peak RAM <= 2 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +25,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from common import run_configs  # noqa: E402
 from fedseg_run import run_fedseg  # noqa: E402
 
 from bench.flower_baseline import run_flower, wait_quiet  # noqa: E402
@@ -106,20 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     flower = {parse(c) for c in a.configs} if "all" in a.flower_secagg else {
         parse(c) for c in a.flower_secagg}
-    rows: list[dict] = []
-    t0 = time.monotonic()
-    for cfg in a.configs:
-        params, sites = parse(cfg)
-        print(f"== {params / 1e6:.0f}M x {sites} sites", flush=True)
-        rows.append(compare(a.work, params, sites, a.rounds, a.wait_quiet,
-                            (params, sites) in flower))
-        print(table(rows[-1:]), flush=True)
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({
-            "bench": "secagg", "command": "python bench/secagg.py " + " ".join(
-                sys.argv[1:] if argv is None else argv),
-            "seconds": round(time.monotonic() - t0, 1), "rows": rows}, indent=2) + "\n")
-    print(table(rows))
+    run_configs("secagg", [parse(c) for c in a.configs],
+                lambda p, n: compare(a.work, p, n, a.rounds, a.wait_quiet, (p, n) in flower),
+                table, a.json, sys.argv[1:] if argv is None else argv)
     return 0
 
 
