@@ -18,6 +18,7 @@ model build, caches) and is excluded from the statistics when there are at least
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -51,6 +52,7 @@ def bench_plan(base: Plan, params: int) -> tuple[Plan, int]:
         p.configurations = {"3d_fullres": c}
         return p
 
+    @functools.cache
     def count(b: int) -> int:
         return num_parameters(build_network(with_base(b)))
 

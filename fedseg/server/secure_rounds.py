@@ -491,10 +491,11 @@ def final_evaluation(job: FederatedJob) -> None:
         nodes = setup(job, rid, nodes, layout, "final evaluation")
         a = sec.aggs[rid]
         assert a.mask_reqs is not None and a.server is not None
+        weights = array_record(job.state.weights)  # one copy for every site's message
         replies = job._send(nodes, pm.EVALUATE, lambda nid: pack(pm.EvalRequest(
             round=job.state.round, plan_hash=job.plan.hash(), per_site_metrics=False,
             eval_classes=classes, secagg=sec.part(mask=a.mask_reqs[job._name(nid)]),
-        ), job.state.weights), timeout=job.cfg.round_timeout_s)
+        ), record=weights), timeout=job.cfg.round_timeout_s)
         for nid in nodes:
             rep, arrays, err = _reply_part(job, nid, replies.get(nid), pm.EvalReply)
             if err is None and (rep.secagg is None or rep.secagg.masked is None
