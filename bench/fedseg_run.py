@@ -11,6 +11,12 @@ on the training message, so evaluating every round would add site compute (subtr
 but no exchange — and a CPU sliding window over a 30M-parameter network only makes the bench
 longer and noisier.
 
+Site workers (``fedseg/client/worker.py``): up to ``MAX_WORKERS`` sites each get a worker of
+their own, as at a hospital; above that, sites share workers (``sites_per_worker``, at most
+``MAX_WORKERS`` worker processes): each worker loads torch and MONAI (~0.8 GB), so 30 sites with
+one each would need ~24 GB. A shared worker runs its sites' tasks one after the other, which a
+2-core machine does anyway.
+
 Round time = wall time between the server's pooled records of consecutive rounds (so it includes
 the server's aggregation, checkpointing and membership refresh). Round 1 is a warm-up (first
 model build, caches) and is excluded from the statistics when there are at least 3 rounds.
@@ -31,6 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RssSampler, round_stats  # noqa: E402
 
 from fedseg.planning.plan import Plan  # noqa: E402
+
+MAX_WORKERS = 6  # site worker processes a bench starts at most (sites_per_worker=None: auto)
+
+
+def auto_sites_per_worker(sites: int, max_workers: int = MAX_WORKERS) -> int:
+    """1 (a worker per site) up to ``max_workers`` sites, else as few per worker as keep the
+    worker processes at ``max_workers`` or fewer."""
+    return max(1, math.ceil(sites / max_workers))
 
 
 def bench_plan(base: Plan, params: int) -> tuple[Plan, int]:
@@ -69,7 +83,9 @@ def bench_plan(base: Plan, params: int) -> tuple[Plan, int]:
 def run_fedseg(
     work: Path, params: int, sites: int, rounds: int, secure: bool = False,
     timeout: float = 1800.0, cases: int = 3, site_workers: bool = True,
+    sites_per_worker: int | None = None,
 ) -> dict:
+    """``sites_per_worker``: None picks :func:`auto_sites_per_worker`."""
     from fedseg.data.demo import make_demo_data
     from fedseg.planning.cli_impl import plan_main
     from fedseg.server.config import JobConfig
@@ -92,7 +108,9 @@ def run_fedseg(
     )
     run = RunDir(job.run_dir)
     t0 = time.monotonic()
-    with Federation(work, site_dirs, device="cpu", site_workers=site_workers) as fed:
+    per_worker = auto_sites_per_worker(sites) if sites_per_worker is None else sites_per_worker
+    with Federation(work, site_dirs, device="cpu", site_workers=site_workers,
+                    sites_per_worker=per_worker) as fed:
         fed.require_secure_aggregation = secure
         def groups() -> dict[str, list[int]]:
             return {"server": [fed.superlink.pid] if fed.superlink and fed.superlink.pid else [],
@@ -126,6 +144,8 @@ def run_fedseg(
     return {
         "system": "fedseg-secure" if secure else "fedseg-plain",
         "site_workers": site_workers,
+        "sites_per_worker": per_worker if site_workers else None,
+        "worker_processes": len(fed.workers),
         "params": n_params, "params_target": params, "sites": sites, "rounds": rounds,
         "round_seconds": round_s, "site_compute_seconds": compute_s,
         "overhead_seconds": overhead, "stats": round_stats(round_s),
@@ -145,11 +165,14 @@ if __name__ == "__main__":
     ap.add_argument("--secure", action="store_true")
     ap.add_argument("--no-site-workers", action="store_true",
                     help="run every message in a fresh ClientApp process (Flower's default)")
+    ap.add_argument("--sites-per-worker", type=int, metavar="N",
+                    help=f"sites per site worker process (default: 1 up to {MAX_WORKERS} "
+                    f"sites, else at most {MAX_WORKERS} workers)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedseg-bench"))
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     res = run_fedseg(a.work, a.params, a.sites, a.rounds, a.secure,
-                     site_workers=not a.no_site_workers)
+                     site_workers=not a.no_site_workers, sites_per_worker=a.sites_per_worker)
     print(json.dumps(res, indent=2))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")

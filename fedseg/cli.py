@@ -102,6 +102,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         Path(args.out), sites=args.sites, data=Path(args.data) if args.data else None,
         rounds=args.rounds, local_iterations=args.local_iterations, preset=args.preset,
         seed=args.seed, device=args.device, timeout=args.timeout, extra=extra,
+        sites_per_worker=args.sites_per_worker,
     )
     return 0
 
@@ -121,6 +122,13 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     for name in roster.sites:
         print(f"  site {name}: give it {out / 'sites' / name / 'identity.key'} and ca.pem")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    s.add_argument("--sites-per-worker", type=_positive_int, default=1, metavar="N",
+                   help="sites served by one site worker process (default 1, as at a hospital); "
+                   "N > 1 loads torch/MONAI once per N sites (~0.8 GB each) to simulate many "
+                   "sites on one machine; their tasks then run one at a time per worker")
     s.add_argument("--secure-aggregation", choices=["on", "off"], default="on",
                    help="sum fingerprints and updates with secure aggregation (a PKI for the "
                         "demo sites is provisioned into OUT/pki)")

@@ -11,6 +11,11 @@ Secure aggregation (on by default) needs each site's identity key and the consor
 a PKI for the simulated sites is provisioned into ``OUT/pki`` (``fedseg provision``; reused when
 it already lists the same sites), every SuperNode gets node config ``identity-key`` and
 ``roster``, and the job's ``roster`` points at ``OUT/pki/roster.json``.
+
+Each site's ClientApp tasks run in a long-lived site worker (``client/worker.py``). By default
+every site gets its own, as at a hospital; ``sites_per_worker=N`` (``--sites-per-worker N``)
+lets one worker serve N sites, so that a simulation of many sites pays for torch and MONAI once
+per worker instead of once per site (~0.8 GB each).
 """
 
 from __future__ import annotations
@@ -55,11 +60,21 @@ def find_site_dirs(data: Path) -> list[Path]:
 
 
 class Federation:
-    """SuperLink + SuperNodes on loopback; a context manager that always cleans up."""
+    """SuperLink + SuperNodes on loopback; a context manager that always cleans up.
+
+    ``sites_per_worker``: how many sites one site worker serves (``client/worker.py``; only
+    with ``site_workers``). 1, the default, is a hospital's set-up: a worker per site. N > 1
+    groups the sites of ``site_dirs`` in order, N per worker, to save memory when many sites
+    share this machine; their tasks then run one at a time per worker. A site started with its
+    own ``env_extra`` (or not in ``site_dirs``) always gets a worker of its own, since the
+    environment is per process."""
 
     def __init__(
         self, work: Path, site_dirs: list[Path], device: str = "auto", site_workers: bool = True,
+        sites_per_worker: int = 1,
     ) -> None:
+        if sites_per_worker < 1:
+            raise FedsegError(f"sites_per_worker must be >= 1, got {sites_per_worker}")
         self.work = work
         self.site_dirs = site_dirs
         self.device = device
@@ -67,8 +82,13 @@ class Federation:
         self.env = flower_env(self.flwr_home)
         self.superlink: ManagedProcess | None = None
         self.nodes: dict[str, ManagedProcess] = {}
-        self.workers: dict[str, ManagedProcess] = {}  # site name -> its worker process
+        # worker name -> its process: the site's name (a worker of its own) or "group<i>"
+        self.workers: dict[str, ManagedProcess] = {}
         self.site_workers = site_workers
+        self.sites_per_worker = sites_per_worker
+        # a shared worker's sites keep their runtime API port across SuperNode restarts: the
+        # worker was started with the addresses of all of them
+        self.runtime_ports: dict[str, int] = {}
         # in memory: Flower 1.42 keeps every message's arrays in its state database, and an
         # SQLite file costs seconds per round at nnU-Net model sizes; a simulation resumes from
         # fedseg's own checkpoint anyway (fedseg-server chooses: superlink_database)
@@ -112,12 +132,49 @@ class Federation:
         wait_for_port("127.0.0.1", self.port, 60, self.superlink)
         write_flwr_connection(self.flwr_home, "fedseg", f"127.0.0.1:{self.port}")
 
+    def worker_group(self, name: str, env_extra: dict[str, str] | None = None) -> list[str] | None:
+        """The sites that share ``name``'s worker (its group of ``sites_per_worker`` in
+        ``site_dirs`` order), or None when ``name`` gets a worker of its own."""
+        names = [d.name for d in self.site_dirs]
+        if not self.site_workers or self.sites_per_worker <= 1 or env_extra or name not in names:
+            return None
+        first = names.index(name) // self.sites_per_worker * self.sites_per_worker
+        return names[first:first + self.sites_per_worker]
+
+    def _threads_env(self, env: dict[str, str]) -> dict[str, str]:
+        """On CPU the sites share this machine's cores: a BLAS/OpenMP pool of cores / SITES
+        each avoids thrashing. Per site, not per worker process, also when sites share a
+        worker: the SuperNodes, the SuperLink and the ServerApp run beside the workers, and an
+        OpenMP pool as large as the machine then waits on preempted threads (measured on 2
+        cores, 2 sites in one worker: 2 threads made a 2-iteration step 10-25x slower than 1)."""
+        if self.device == "cpu" or not _cuda_available():
+            threads = max(1, (os.cpu_count() or 2) // max(1, len(self.site_dirs)))
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return env
+
+    def _runtime_port(self, name: str, group: list[str] | None) -> int:
+        """A fresh free port, or (shared worker) the one the site's worker already knows."""
+        if group is None:
+            # a group member started with env_extra: a worker of its own on a fresh port; the
+            # port reserved for it in the shared worker stays in runtime_ports (unused there)
+            return free_port()
+        for site in group:  # the whole group's ports, before the worker starts
+            if site not in self.runtime_ports:
+                taken = set(self.runtime_ports.values())
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+                self.runtime_ports[site] = port
+        return self.runtime_ports[name]
+
     def start_site(
         self, data_dir: Path, name: str | None = None, env_extra: dict[str, str] | None = None,
     ) -> ManagedProcess:
         """Start (or restart: a restarted SuperNode gets a new node id) one site's SuperNode.
         ``env_extra`` reaches the site's ClientApp processes (tests use it for
-        ``FEDSEG_FAULT_INJECT``, see :mod:`fedseg.client.app`)."""
+        ``FEDSEG_FAULT_INJECT``, see :mod:`fedseg.client.app`); such a site gets a worker of its
+        own. A site that shares a worker keeps that worker (and its runtime API port) across
+        restarts; a site with its own worker gets a new one."""
         name = name or data_dir.name
         old = self.nodes.get(name)
         if old is not None:
@@ -131,26 +188,34 @@ class Federation:
         if key.is_file():  # secure aggregation: the site's identity and the consortium roster
             node_cfg.update({"identity-key": str(key.resolve()),
                              "roster": str((self.pki / "roster.json").resolve())})
-        env = dict(self.env)
-        if self.device == "cpu" or not _cuda_available():
-            # the sites share this machine's cores: one BLAS/OpenMP pool each avoids thrashing
-            threads = max(1, (os.cpu_count() or 2) // max(1, len(self.site_dirs)))
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = self._threads_env(dict(self.env))
         env.update(env_extra or {})
-        port = free_port()
+        group = self.worker_group(name, env_extra)
+        port = self._runtime_port(name, group)
         argv = launcher_argv(  # Flower's SuperNode, idle poll 0.5 s instead of 3 s
             supernode_argv(f"127.0.0.1:{self.port}", port, node_cfg, max_retries=None))
-        old_worker = self.workers.pop(name, None)
+        old_worker = self.workers.pop(name, None)  # a worker of its own (shared: "group<i>")
         if old_worker is not None:
             old_worker.stop(timeout=5)
         if self.site_workers:  # torch/MONAI stay loaded between messages: client/worker.py
             from fedseg.client.worker import worker_argv
 
             argv += ["--isolation", "process"]
-            self.workers[name] = ManagedProcess(
-                f"worker-{name}", worker_argv(f"127.0.0.1:{port}"),
-                self.work / "logs" / f"worker-{name}.log", env, cwd=self.work,
-            ).start()
+            if group is None:
+                self.workers[name] = ManagedProcess(
+                    f"worker-{name}", worker_argv(f"127.0.0.1:{port}"),
+                    self.work / "logs" / f"worker-{name}.log", env, cwd=self.work,
+                ).start()
+            else:
+                index = [d.name for d in self.site_dirs].index(group[0])
+                wname = f"group{index // self.sites_per_worker}"
+                shared = self.workers.get(wname)
+                if shared is None or shared.poll() is not None:
+                    self.workers[wname] = ManagedProcess(
+                        f"worker-{wname}",
+                        worker_argv([f"127.0.0.1:{self.runtime_ports[s]}" for s in group]),
+                        self.work / "logs" / f"worker-{wname}.log", env, cwd=self.work,
+                    ).start()
         proc = ManagedProcess(
             f"supernode-{name}", argv, self.work / "logs" / f"site-{name}.log", env, cwd=self.work,
         ).start()
@@ -180,7 +245,9 @@ class Federation:
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
     def kill_site(self, name: str) -> None:
-        """SIGKILL a site's SuperNode and its ClientApp (a crashed hospital machine)."""
+        """SIGKILL a site's SuperNode and its ClientApp (a crashed hospital machine). A worker
+        shared with other sites is left running (its task for this site fails with the
+        SuperNode) and takes the site's tasks again once ``start_site`` restarts it."""
         self.nodes[name].kill()
         if name in self.workers:
             self.workers.pop(name).kill()
@@ -267,6 +334,7 @@ def simulate(
     device: str = "cpu",
     timeout: float = 3600.0,
     extra: dict | None = None,
+    sites_per_worker: int = 1,
 ) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +356,7 @@ def simulate(
     )
     run = RunDir(job.run_dir)
     try:
-        with Federation(out, site_dirs, device=device) as fed:
+        with Federation(out, site_dirs, device=device, sites_per_worker=sites_per_worker) as fed:
             fed.require_secure_aggregation = job.secure_aggregation  # off: sites accept plain
             interrupt_on_sigterm()
             fed.start_superlink()

@@ -88,3 +88,16 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         make_demo_data(tmp_path, sites=0)
     with pytest.raises(FedsegError, match="cases=0"):
         make_demo_data(tmp_path, cases=0)
+
+
+def test_site_names_go_past_z() -> None:
+    """The benchmarks simulate 30 sites: after siteZ come siteAA, siteAB, ... (all distinct)."""
+    from fedseg.data.demo import MAX_DEMO_SITES, site_name
+
+    names = [site_name(i) for i in range(MAX_DEMO_SITES)]
+    assert names[:2] == ["siteA", "siteB"] and names[25:28] == ["siteZ", "siteAA", "siteAB"]
+    assert names[-1] == "siteZZ" and len(set(names)) == MAX_DEMO_SITES
+    with pytest.raises(ValueError):
+        site_name(MAX_DEMO_SITES)
+    with pytest.raises(FedsegError, match=f"sites={MAX_DEMO_SITES + 1}"):
+        make_demo_data(Path("/nonexistent"), sites=MAX_DEMO_SITES + 1)

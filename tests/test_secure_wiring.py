@@ -218,6 +218,8 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
              _log_eval=lambda *_: None, dead=set(), calls=[], privacy=privacy,
              secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID))
     job._reply_error = lambda r: FederatedJob._reply_error(job, r)
+    job.bulk = None  # arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
+    job.outbox = lambda arrays, upload=False: FederatedJob.outbox(job, arrays, upload)
     return job
 
 

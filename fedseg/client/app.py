@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedseg.client.bulk_client import BulkEndpoint, endpoint_of, receive, reply_content
 from fedseg.errors import FedsegError
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, pack_error, unpack
@@ -47,6 +48,11 @@ class SiteConfig:
     device: str
     gpu_memory_gb: float | None
     node_config: dict = field(default_factory=dict)  # identity-key / roster (secure aggregation)
+
+    @property
+    def bulk(self) -> BulkEndpoint:
+        """How this site reaches the server's bulk transfers (``client/bulk_client.py``)."""
+        return endpoint_of(self.node_config)
 
     @classmethod
     def from_context(cls, context: Context) -> SiteConfig:
@@ -236,17 +242,20 @@ def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -
 
 
 class _TrainerCache:
-    """The last LocalTrainer, kept between rounds in a long-lived site worker
+    """The last LocalTrainer OF EACH SITE, kept between rounds in a long-lived site worker
     (``client/worker.py``): no network rebuild, no state reload, data loader and (on a GPU) the
     compiled graph kept warm. Its state is still saved to disk every round (a crash loses
     nothing); a cached trainer is used only while the state file on disk is the one it wrote
     itself, so anything else that touched the state (another process, a restore) wins. Batches
-    depend only on (seed, iteration), so a cached trainer trains exactly like a rebuilt one."""
+    depend only on (seed, iteration), so a cached trainer trains exactly like a rebuilt one.
+
+    One slot per site (``site``: the site's cache dir): a hospital's worker serves one site and
+    keeps one trainer, as before; a worker serving several simulated sites
+    (``fedseg simulate --sites-per-worker``) keeps each site's own, so the sites' rounds do not
+    evict each other's trainer. Within a slot, one at a time: a new job or plan frees the old."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.trainer = None
-        self.signature: tuple[int, int] | None = None
+        self.slots: dict[str, tuple[tuple, object, tuple[int, int] | None]] = {}
 
     @staticmethod
     def _signature(state_dir: Path) -> tuple[int, int] | None:
@@ -258,17 +267,18 @@ class _TrainerCache:
             return None
         return st.st_mtime_ns, st.st_size
 
-    def take(self, key: tuple, state_dir: Path):
-        """The cached trainer for ``key`` (removed from the cache: a round that fails midway
-        must not leave a half-updated trainer behind), or None."""
-        hit = (self.trainer if self.key == key and self.signature is not None
-               and self._signature(state_dir) == self.signature else None)
-        self.key = self.trainer = self.signature = None  # one at a time: free the old one
-        return hit
+    def take(self, key: tuple, state_dir: Path, site: str = ""):
+        """The site's cached trainer for ``key`` (removed from the cache: a round that fails
+        midway must not leave a half-updated trainer behind), or None."""
+        slot = self.slots.pop(site, None)  # one per site at a time: free the old one
+        if slot is None:
+            return None
+        cached_key, trainer, signature = slot
+        ok = cached_key == key and signature is not None and self._signature(state_dir) == signature
+        return trainer if ok else None
 
-    def put(self, key: tuple, trainer) -> None:
-        self.key, self.trainer = key, trainer
-        self.signature = self._signature(trainer.state_dir)
+    def put(self, key: tuple, trainer, site: str = "") -> None:
+        self.slots[site] = (key, trainer, self._signature(trainer.state_dir))
 
 
 _TRAINERS = _TrainerCache()
@@ -280,7 +290,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.training.preprocess import cache_folder
     from fedseg.training.trainer import LocalTrainer, TrainConfig
 
-    req, weights = unpack(msg.content, pm.TrainRequest)
+    req, weights = receive(msg, pm.TrainRequest, cfg.bulk)
     _require_masked(cfg, req.secagg is not None, "model update and case count")
     plan = _load_plan(cfg, req.plan_hash)
     evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
@@ -289,7 +299,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
                        save_weights=False)  # the server sends them every round
     key = (str(state_dir), plan.hash(), tcfg.model_dump_json(), tuple(train_ids))
-    trainer = _TRAINERS.take(key, state_dir)
+    trainer = _TRAINERS.take(key, state_dir, site=str(cfg.cache_dir))
     if trainer is None:
         trainer = LocalTrainer(plan, cache_folder(cfg.preprocessed_root, plan), state_dir, tcfg,
                                case_ids=train_ids)
@@ -300,7 +310,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         req.local_iterations, req.global_iteration_start, req.global_total_iterations,
         proximal_mu=req.proximal_mu,
     )
-    _TRAINERS.put(key, trainer)
+    _TRAINERS.put(key, trainer, site=str(cfg.cache_dir))
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
     delta = _fault_injected(delta, req.round)  # test hook, off by default (module docstring)
     if req.secagg is not None:  # checked here, weighted, clipped and masked: see client/secure.py
@@ -317,7 +327,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
         seconds=res.seconds, iterations_per_s=res.iterations_per_s, evaluation=evaluation,
     )
-    return Message(pack(reply, delta), reply_to=msg)
+    return Message(reply_content(msg, reply, delta, cfg.bulk), reply_to=msg)
 
 
 # ---- test-only fault injection (FEDSEG_FAULT_INJECT; see the module docstring) -------------
@@ -342,7 +352,7 @@ def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndar
 @app.evaluate()
 @_handler
 def evaluate(msg: Message, cfg: SiteConfig) -> Message:
-    req, weights = unpack(msg.content, pm.EvalRequest)
+    req, weights = receive(msg, pm.EvalRequest, cfg.bulk)
     plan = _load_plan(cfg, req.plan_hash)
     result = _evaluate(cfg, plan, weights, req.round)
     if req.secagg is not None:  # per-site metrics off: into the secure sum

@@ -228,7 +228,11 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
     cache.mkdir(parents=True, exist_ok=True)
     node_cfg: dict[str, str | float | bool] = {
         "site": cfg.site, "data-dir": str(data), "cache-dir": str(cache), "device": cfg.device,
-        "require-secure-aggregation": cfg.require_secure_aggregation}
+        "require-secure-aggregation": cfg.require_secure_aggregation,
+        # bulk transfers (model, update) go to the same server address, over the same TLS
+        "server": cfg.server, "insecure": cfg.insecure}
+    if not cfg.insecure and cfg.root_certificates:
+        node_cfg["root-certificates"] = str(Path(cfg.root_certificates).resolve())
     if cfg.gpu_memory_gb:
         node_cfg["gpu-memory-gb"] = cfg.gpu_memory_gb
     if cfg.identity_key and cfg.roster:  # what secure aggregation needs

@@ -148,7 +148,9 @@ def train_reply(
     rep = pm.TrainReply(site=cfg.site, iterations=iterations, seconds=seconds,
                         iterations_per_s=it_per_s, evaluation=shown, secagg=reply)
     arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None
-    return Message(pack(rep, arrays), reply_to=msg)
+    from fedseg.client.bulk_client import endpoint_of, reply_content
+
+    return Message(reply_content(msg, rep, arrays, endpoint_of(cfg.node_config)), reply_to=msg)
 
 
 def eval_reply(msg: Message, cfg: SiteLike,

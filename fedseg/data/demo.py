@@ -56,9 +56,19 @@ _STYLES = [
 ]
 
 
+MAX_DEMO_SITES = 26 + 26 * 26  # siteA .. siteZ, then siteAA .. siteZZ
+
+
 def site_name(index: int) -> str:
-    """``0 -> "siteA"``, ``1 -> "siteB"``, ..."""
-    return "site" + string.ascii_uppercase[index]
+    """``0 -> "siteA"``, ``1 -> "siteB"``, ..., ``25 -> "siteZ"``, ``26 -> "siteAA"``, ...
+    (two letters after Z: the benchmarks simulate 30 sites)."""
+    if not 0 <= index < MAX_DEMO_SITES:
+        raise ValueError(f"site index {index}: must be between 0 and {MAX_DEMO_SITES - 1}")
+    letters = string.ascii_uppercase
+    if index < 26:
+        return "site" + letters[index]
+    first, second = divmod(index - 26, 26)
+    return "site" + letters[first] + letters[second]
 
 
 def site_style(index: int, seed: int = 0) -> SiteStyle:
@@ -180,8 +190,9 @@ def make_demo_data(
     the training cases) to ``imagesTs``/``labelsTs``. Returns the site folders. Files of an
     earlier demo in the same folders are replaced, so a rerun never mixes two generations.
     """
-    if not 1 <= sites <= 26:
-        raise FedsegError(f"sites={sites}: must be between 1 and 26; pass --sites 1..26")
+    if not 1 <= sites <= MAX_DEMO_SITES:
+        raise FedsegError(f"sites={sites}: must be between 1 and {MAX_DEMO_SITES}; "
+                          f"pass --sites 1..{MAX_DEMO_SITES}")
     if cases < 1 or test_cases < 0:
         raise FedsegError(
             f"cases={cases}, test_cases={test_cases}: need at least 1 training case and "

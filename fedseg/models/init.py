@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from fedseg.models.network import build_network
+    from fedseg.models.network import build_network, weights_of
     from fedseg.planning.plan import Plan
 
     torch.manual_seed(args.seed)
     net = build_network(Plan.load(args.plan))
-    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in weights_of(net).items()}
     tmp = args.out.with_name(args.out.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **state)

@@ -41,3 +41,38 @@ def build_network(plan: Plan, config: str = "3d_fullres", deep_supervision: bool
 
 def num_parameters(net) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+def aliases(net) -> dict[str, str]:
+    """``state_dict`` keys whose tensor IS an earlier key's tensor → that key.
+
+    Why: DynUNet keeps its encoder/decoder twice in the module tree (``skip_layers`` holds the
+    very modules of ``input_block``/``downsamples``/``bottleneck``/``upsamples``), so its
+    ``state_dict`` lists every weight twice — 2× the bytes in every model and update sent, in
+    checkpoints and in the server's sums. fedseg's weights are the state dict WITHOUT these
+    aliases (:func:`weights_of`); :func:`load_weights` puts them back before loading."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for k, v in net.state_dict(keep_vars=True).items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and ident in seen:
+            out[k] = seen[ident]
+        else:
+            seen[ident] = k
+    return out
+
+
+def weights_of(net) -> dict:
+    """The network's state dict without aliased entries (tensors, not copied)."""
+    skip = aliases(net)
+    return {k: v for k, v in net.state_dict().items() if k not in skip}
+
+
+def load_weights(net, weights) -> None:
+    """``net.load_state_dict(weights, strict=True)`` for weights with or without the aliased
+    entries (bundles written before fedseg dropped them have both)."""
+    full = dict(weights)
+    for alias, key in aliases(net).items():
+        if alias not in full and key in full:
+            full[alias] = full[key]
+    net.load_state_dict(full, strict=True)

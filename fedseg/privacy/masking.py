@@ -27,13 +27,15 @@ Non-negative integers (sample counts, the clip count) are appended unscaled, eac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 RING_BITS = 32
-CHUNK = 1 << 18  # elements per keystream/quantisation block (1 MiB): bounded temporaries
+CHUNK = 1 << 18  # elements per keystream block (1 MiB): bounded temporaries
+QCHUNK = 1 << 16  # elements per quantisation block (512 KiB of float64: stays in cache)
 _WORD = np.dtype("<u4")
 _ZERO_BLOCK = bytes(4 * CHUNK)
 _COUNTER0 = bytes(16)
@@ -64,24 +66,36 @@ def quantize_into(values: np.ndarray, out: np.ndarray, clip: float, num_sites: i
     qmax = fixed_point_max(num_sites)
     scale = qmax / clip
     clipped = 0
-    for a in range(0, values.shape[0], CHUNK):
-        x = values[a : a + CHUNK].astype(np.float64)
-        if not np.isfinite(x).all():
+    step = QCHUNK
+    x = np.empty(min(step, values.shape[0]), dtype=np.float64)
+    for a in range(0, values.shape[0], step):
+        src = values[a : a + step]
+        xv = x[: src.shape[0]]
+        xv[...] = src
+        lo, hi = float(xv.min()), float(xv.max())  # NaN propagates; two passes, no temporaries
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("the vector to aggregate contains NaN or infinite values")
-        clipped += int(np.count_nonzero(np.abs(x) > clip))
-        np.clip(x, -clip, clip, out=x)
-        x *= scale
-        np.rint(x, out=x)
-        np.clip(x, -qmax, qmax, out=x)
-        out[a : a + CHUNK] = x.astype(np.int32).view(np.uint32)
+        if lo < -clip or hi > clip:  # rare: count, then clip
+            clipped += int(np.count_nonzero(xv > clip)) + int(np.count_nonzero(xv < -clip))
+            np.clip(xv, -clip, clip, out=xv)
+        xv *= scale
+        np.rint(xv, out=xv)
+        np.clip(xv, -qmax, qmax, out=xv)
+        out[a : a + step] = xv.astype(np.int32).view(np.uint32)
     return clipped
 
 
 def dequantize(summed: np.ndarray, clip: float, num_sites: int) -> np.ndarray:
-    """float64 values of a ring sum of quantised vectors (of at most ``num_sites`` sites)."""
-    return summed.astype(np.uint32, copy=False).view(np.int32).astype(np.float64) * quantization_step(
-        clip, num_sites
-    )
+    """float64 values of a ring sum of quantised vectors (of at most ``num_sites`` sites),
+    converted block by block into one preallocated vector (no full-size temporaries)."""
+    ints = summed.astype(np.uint32, copy=False).view(np.int32)
+    out = np.empty(ints.shape, dtype=np.float64)
+    step = quantization_step(clip, num_sites)
+    for a in range(0, ints.shape[0], QCHUNK):
+        blk = out[a : a + QCHUNK]
+        blk[...] = ints[a : a + QCHUNK]
+        blk *= step
+    return out
 
 
 def _stream(seed: bytes):

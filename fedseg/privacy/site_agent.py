@@ -31,6 +31,7 @@ run of the job) replace the growing list of used ids, of which only the last
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -271,13 +272,14 @@ def check_local_update(delta: Mapping[str, np.ndarray], max_norm: float | None) 
     """The site-side update check that replaces the server's ``check_update`` under secure
     aggregation (the server sees only the sum): every value finite and, if ``max_norm`` is set,
     global L2 norm <= max_norm. Returns the norm; raises ValueError with the reason."""
+    from fedseg.privacy.aggregates import sum_of_squares
+
     sq = 0.0
     for k, d in delta.items():
-        a = np.asarray(d)
-        if not np.isfinite(a).all():
+        s = sum_of_squares(d)  # float64: finite for any finite float32/float64 tensor
+        if not math.isfinite(s):
             raise ValueError(f"'{k}' holds NaN or Inf")
-        f = a.ravel().astype(np.float64)
-        sq += float(np.dot(f, f))
+        sq += s
     norm = float(np.sqrt(sq))
     if max_norm is not None and norm > max_norm:
         raise ValueError(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")

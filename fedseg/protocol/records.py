@@ -84,8 +84,16 @@ def unpack(content: RecordDict, model: type[M]) -> tuple[M, dict[str, np.ndarray
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Approximate bytes on the wire (arrays dominate)."""
+    """Approximate bytes on the wire (arrays dominate), bulk transfers next to it included."""
+    from fedseg.protocol.bulk import get_envelope
+
     n = 0
+    try:
+        env = get_envelope(content)
+    except ProtocolError:
+        env = None
+    if env is not None:
+        n += (env.down.nbytes if env.down else 0) + (env.uploaded.nbytes if env.uploaded else 0)
     for rec in content.array_records.values():
         n += rec.count_bytes()
     for rec in content.config_records.values():

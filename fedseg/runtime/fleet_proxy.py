@@ -20,6 +20,12 @@ the ``fedseg provision`` ``server.pem``) and re-encrypts to the SuperLink, verif
 the consortium CA (``--upstream-ca``), so node-auth headers never travel in clear (they can be
 replayed for ~5 min by whoever sees them). Plain HTTP is allowed only on loopback, for trials.
 
+Bulk transfers (``--bulk-upstream``, set by ``fedseg-server``): ``GET``/``PUT /fedseg/bulk/<token>``
+are forwarded, streamed both ways, to the ServerApp's bulk server on loopback (global model down,
+updates up: ``fedseg/protocol/bulk.py``); nothing else under ``/fedseg/``. The body limit below
+does not apply there: the bulk server refuses an unknown token or an oversized body from the
+request's headers, before reading it.
+
 Bounded: request bodies above ``--max-body-mb`` are refused (413) before they are read; the
 SuperLink gets ``--timeout`` seconds to answer (then 504; 502 if it is down — both are retried by
 Flower's SuperNode). Uses only uvicorn + httpx, which ``flwr==1.42.0`` itself depends on.
@@ -45,6 +51,7 @@ from typing import Any
 import httpx
 
 FLEET_PREFIX = "/v1/fleet/"
+BULK_PREFIX = "/fedseg/bulk/"
 # superlink/routers/fleet/router.py in flwr 1.42.0: every Fleet route is a POST
 FLEET_ROUTES = frozenset({
     "register-node", "activate-node", "deactivate-node", "unregister-node",
@@ -93,8 +100,10 @@ class FleetProxyApp:
 
     def __init__(self, upstream: str, verify: ssl.SSLContext | bool = True,
                  max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20,
-                 timeout: float = DEFAULT_TIMEOUT_S, allow_self_registration: bool = False) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, allow_self_registration: bool = False,
+                 bulk_upstream: str | None = None) -> None:
         self.upstream = upstream.rstrip("/")
+        self.bulk_upstream = bulk_upstream.rstrip("/") if bulk_upstream else None
         self.allow_self_registration = allow_self_registration
         self.verify = verify
         self.max_body_bytes = max_body_bytes
@@ -118,6 +127,9 @@ class FleetProxyApp:
             await send({"type": "websocket.close", "code": 1008})
             return
         method, path = scope["method"], scope["path"]
+        if self.bulk_upstream and path.startswith(BULK_PREFIX) and "/" not in path[len(BULK_PREFIX):]:
+            await self._bulk(scope, receive, send)
+            return
         name = fleet_route(path)
         client = scope.get("client") or ("?", 0)
         if name is None:
@@ -176,6 +188,47 @@ class FleetProxyApp:
         finally:
             await resp.aclose()
 
+    async def _bulk(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET``/``PUT /fedseg/bulk/<token>``, streamed to and from the bulk server."""
+        method = scope["method"]
+        if method not in ("GET", "PUT"):
+            await _plain(send, 405, b"method not allowed\n", [(b"allow", b"GET, PUT")])
+            return
+        keep = (b"content-length", b"content-type")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() in keep]
+
+        async def body():
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                yield msg.get("body", b"")
+                more = msg.get("more_body", False)
+
+        if self._client is None:
+            self._client = self._new_client()
+        req = self._client.build_request(method, self.bulk_upstream + scope["path"], headers=headers,
+                                         content=body() if method == "PUT" else None)
+        try:
+            resp = await self._client.send(req, stream=True)
+        except httpx.TimeoutException as err:
+            log.error("bulk server did not answer in time: %s", err)
+            await _plain(send, 504, b"upstream timeout\n")
+            return
+        except httpx.TransportError as err:
+            log.error("bulk server unreachable: %s", err)
+            await _plain(send, 502, b"upstream unavailable\n")
+            return
+        try:
+            out = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
+            await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+            async for chunk in resp.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await resp.aclose()
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             msg = await receive()
@@ -220,8 +273,12 @@ class FleetProxy:
     def __init__(self, listen: str, upstream: str, certfile: str | Path | None = None,
                  keyfile: str | Path | None = None, upstream_ca: str | Path | None = None,
                  max_body_mb: int = DEFAULT_MAX_BODY_MB, timeout: float = DEFAULT_TIMEOUT_S,
-                 allow_plain_http: bool = False, allow_self_registration: bool = False) -> None:
+                 allow_plain_http: bool = False, allow_self_registration: bool = False,
+                 bulk_upstream: str | None = None) -> None:
         self.host, self.port = parse_hostport(listen)
+        if bulk_upstream and parse_hostport(bulk_upstream.split("://", 1)[-1].split("/", 1)[0])[0] \
+                not in LOOPBACK:
+            raise ValueError("the bulk upstream must be on loopback (the ServerApp's bulk server)")
         if not upstream.startswith(("http://", "https://")):
             upstream = ("https://" if upstream_ca else "http://") + upstream
         self.upstream = upstream
@@ -241,7 +298,8 @@ class FleetProxy:
             verify = ssl.create_default_context(cafile=str(upstream_ca) if upstream_ca else None)
         self.certfile, self.keyfile = certfile, keyfile
         self.app = FleetProxyApp(upstream, verify, max_body_mb << 20, timeout,
-                                 allow_self_registration=allow_self_registration)
+                                 allow_self_registration=allow_self_registration,
+                                 bulk_upstream=bulk_upstream)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

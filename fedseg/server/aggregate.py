@@ -10,10 +10,14 @@ FedProx differs only at the sites (proximal term), so its server side is FedAvg.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+from fedseg.privacy.aggregates import sum_of_squares
 
 State = dict[str, np.ndarray]
 
@@ -22,7 +26,7 @@ class UpdateRejected(Exception):
     """An update that must not be averaged; ``str()`` says why (logged in metrics.jsonl)."""
 
 
-def check_update(delta: State, reference: State, max_norm: float | None) -> float:
+def check_update(delta: Mapping[str, np.ndarray], reference: State, max_norm: float | None) -> float:
     """Raise :class:`UpdateRejected` unless ``delta`` is a sane update of ``reference``.
 
     Checks keys, shapes, dtype (float32), finiteness and, when ``max_norm`` is set, the global
@@ -46,9 +50,10 @@ def check_update(delta: State, reference: State, max_norm: float | None) -> floa
             raise UpdateRejected(f"'{k}' has shape {d.shape}, model has {ref.shape}")
         if d.dtype != np.float32:
             raise UpdateRejected(f"'{k}' has dtype {d.dtype}, expected float32")
-        if not np.isfinite(d).all():
+        s = sum_of_squares(d)  # non-finite exactly when d holds NaN or Inf
+        if not math.isfinite(s):
             raise UpdateRejected(f"'{k}' holds NaN or Inf")
-        sq += float(np.dot(d.ravel().astype(np.float64), d.ravel().astype(np.float64)))
+        sq += s
     norm = float(np.sqrt(sq))
     if max_norm is not None and norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
@@ -78,7 +83,7 @@ class RunningMean:
         self.total = 0.0
         self.count = 0
 
-    def add(self, delta: State, weight: float) -> None:
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         for k, d in delta.items():
             acc = self.sum.get(k)
             if acc is None:
@@ -88,10 +93,25 @@ class RunningMean:
         self.total += float(weight)
         self.count += 1
 
-    def mean(self) -> State:
+    def mean(self) -> Mapping[str, np.ndarray]:
+        """The mean, computed per tensor when read (no second full-model copy at once)."""
         if self.total <= 0:
             raise ValueError("weights must sum to > 0")
-        return {k: (v / self.total).astype(np.float32) for k, v in self.sum.items()}
+        return _MeanView(self.sum, self.total)
+
+
+class _MeanView(Mapping[str, np.ndarray]):
+    def __init__(self, sums: dict[str, np.ndarray], total: float) -> None:
+        self._sums, self._total = sums, total
+
+    def __getitem__(self, k: str) -> np.ndarray:
+        return (self._sums[k] / self._total).astype(np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sums)
+
+    def __len__(self) -> int:
+        return len(self._sums)
 
 
 class ServerOptimizerConfig(BaseModel):
@@ -112,7 +132,7 @@ class ServerOptimizer:
         self.m: State = {}
         self.v: State = {}
 
-    def step(self, weights: State, mean_delta: State) -> State:
+    def step(self, weights: State, mean_delta: Mapping[str, np.ndarray]) -> State:
         c = self.cfg
         if c.kind in ("fedavg", "fedprox"):
             return {k: (w + c.lr * mean_delta[k]).astype(np.float32) for k, w in weights.items()}

@@ -237,6 +237,17 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
         load_roster(job.roster)
     ssl = sec.ssl
     port = cfg.superlink_port or free_port(SUPERLINK_HOST)
+    bulk_upstream = None
+    if job.bulk_transport == "http":  # the model and updates: through the proxy, over its TLS
+        host, _, bport = job.bulk_listen.rpartition(":")
+        if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            raise FedsegError(f"{source}: [job] field 'bulk_listen': {job.bulk_listen} is not a "
+                              "loopback address; fedseg-server serves bulk transfers on its "
+                              "public port (TLS) and needs the ServerApp's on 127.0.0.1")
+        bport = bport if bport not in ("", "0") else str(free_port(SUPERLINK_HOST))
+        job.bulk_listen = f"127.0.0.1:{bport}"
+        job.bulk_url = job.bulk_url or "/fedseg/bulk"  # i.e. the address each site connects to
+        bulk_upstream = f"http://127.0.0.1:{bport}"
     run = RunDir(job.run_dir)
     fed = Federation(state, [], device="auto")
     fed.port = port
@@ -273,6 +284,7 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
                 f"{cfg.host}:{cfg.port}", f"{'https' if ssl else 'http'}://{SUPERLINK_HOST}:{port}",
                 ssl[0] if ssl else None, ssl[1] if ssl else None, ssl[2] if ssl else None,
                 allow_plain_http=ssl is None, allow_self_registration=ssl is None,
+                bulk_upstream=bulk_upstream,
             ).start()
         except (ValueError, RuntimeError, OSError) as err:
             raise FedsegError(f"{source}: field 'port': the fleet proxy cannot serve "
@@ -282,7 +294,8 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
             fab = build_fab(write_app_dir(state / "app"))
             app = registry.publish(fab, [sign_fab(fab, *sec.signing)])
         print(f"fedseg-server: sites connect to {cfg.host}:{cfg.port} (fleet proxy: /v1/fleet/ "
-              f"only, {'TLS, SuperNode authentication' if ssl else 'PLAIN HTTP, loopback trial'}"
+              f"{'and /fedseg/bulk/ ' if bulk_upstream else ''}only, "
+              f"{'TLS, SuperNode authentication' if ssl else 'PLAIN HTTP, loopback trial'}"
               f"); SuperLink on {SUPERLINK_HOST}:{port}; job "
               f"{'signed' if app else 'UNSIGNED (sites that require signed apps refuse it)'}; "
               f"run folder {job.run_dir}", flush=True)

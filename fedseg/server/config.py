@@ -53,6 +53,20 @@ class JobConfig(BaseModel):
         "site must declare the plan's channels and labels")
     seed: int = 0
     resume: bool = False
+    bulk_transport: Literal["http", "flower"] = Field(
+        default="http",
+        description="how the global model and the updates travel: 'http' (default) one hop "
+        "between site and server, next to the Flower message (fedseg/protocol/bulk.py); "
+        "'flower' inside Flower's messages (3 hops through Flower's object store, slower)")
+    bulk_listen: str = Field(
+        default="127.0.0.1:0",
+        description="HOST:PORT the ServerApp serves bulk transfers on (0: any free port); "
+        "fedseg-server sets a loopback port behind its public fleet proxy")
+    bulk_url: str | None = Field(
+        default=None,
+        description="base URL the sites are told for bulk transfers (default: http://HOST:PORT "
+        "of bulk_listen); a path such as '/fedseg/bulk' means the address each site's "
+        "SuperNode connects to (fedseg-server's public port)")
     secure_aggregation: bool = Field(
         default=True,
         description="sum fingerprints and model updates with secure aggregation: the server "

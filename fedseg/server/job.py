@@ -57,7 +57,9 @@ from fedseg.server.aggregate import (
     UpdateRejected,
     check_update,
 )
+from fedseg.server.bulk_server import BulkServer
 from fedseg.server.config import JobConfig
+from fedseg.server.outbox import Outbox, model_bytes, strip_prefix
 from fedseg.server.replies import PullFailed, pull_ready
 from fedseg.server.rundir import RunDir, memory_mb
 from fedseg.server.secure_rounds import SecureAggregation
@@ -102,6 +104,13 @@ class FederatedJob:
         self._checkpoint_thread: threading.Thread | None = None
         self._checkpoint_error: Exception | None = None
         self.privacy: JobAccountant | None = None  # differential privacy (cfg.dp), by run_job
+        self.bulk: BulkServer | None = None  # bulk arrays over HTTP (cfg.bulk_transport), by run_job
+
+    def outbox(self, arrays: State | None, upload: bool = False) -> Outbox:
+        """Outgoing model / incoming updates for one exchange (``server/outbox.py``); an upload
+        slot takes at most the model's size (+1 MB of slack for small extra arrays)."""
+        up = model_bytes(self.state.weights) + (1 << 20) if upload else None
+        return Outbox(self.bulk, arrays, up)
 
     # ------------------------------------------------------------------ messaging helpers
     def _send(
@@ -490,7 +499,7 @@ class FederatedJob:
             seed=cfg.seed, evaluate_first=evaluate_first,
             dp=pm.DPParams.for_round(self.privacy.config, len(nodes)) if self.privacy else None,
         )
-        content = pack(req, self.state.weights)
+        box = self.outbox(self.state.weights, upload=True)
         acc = RunningMean()
         losses: list[tuple[float, int]] = []
         evals: list[tuple[str, pm.EvalReply]] = []
@@ -503,8 +512,8 @@ class FederatedJob:
                                    "bytes_sent": self._sent_bytes.get(nid, 0)}
             if err is None:
                 try:
-                    rep, arrays = unpack(r.content, pm.TrainReply)
-                    delta = {k[len("d/"):]: v for k, v in arrays.items() if k.startswith("d/")}
+                    rep, arrays = box.unpack(nid, r, pm.TrainReply)
+                    delta = strip_prefix(arrays, "d/")  # spooled uploads: read tensor by tensor
                     bound = None if self.privacy else cfg.max_update_norm  # DP: noise adds norm
                     norm = check_update(delta, self.state.weights, bound)
                 except (pm.ProtocolError, UpdateRejected) as rej:
@@ -512,12 +521,14 @@ class FederatedJob:
                                bytes_received=payload_bytes(r.content))
                     self.log(f"round {rnd}: update from '{name}' rejected: {rej}")
                     self.run.log(rec)
+                    box.done(nid)
                     return
                 rec.update(status="ok", loss=rep.loss, cases=rep.num_cases,
                            iterations=rep.iterations, seconds=rep.seconds,
                            it_per_s=rep.iterations_per_s, update_norm=norm,
                            bytes_received=payload_bytes(r.content))
                 acc.add(delta, 1.0 if self.privacy else float(rep.num_cases))  # DP: unweighted
+                box.done(nid)
                 losses.append((rep.loss, rep.num_cases))
                 if rep.evaluation is not None:
                     evals.append((name, rep.evaluation))
@@ -526,10 +537,11 @@ class FederatedJob:
                 self.log(f"round {rnd}: site '{name}' dropped: {err}")
             self.run.log(rec)
 
-        box = [content]  # dropped as soon as it is pushed: one copy of the model less
-        del content
-        replied = self._exchange(nodes, pm.TRAIN, lambda _: box[0], cfg.round_timeout_s, take,
-                                 after_push=box.clear)
+        try:
+            replied = self._exchange(nodes, pm.TRAIN, box.content_for(lambda _: req),
+                                     cfg.round_timeout_s, take, after_push=box.pushed)
+        finally:
+            box.close()
         for nid in nodes:
             if nid not in replied:
                 take(nid, None)
@@ -598,9 +610,13 @@ class FederatedJob:
             return
         nodes = list(self.sites)
         req = pm.EvalRequest(round=self.state.round, plan_hash=self.plan.hash())
-        content = pack(req, self.state.weights)
+        box = self.outbox(self.state.weights)
         self.run.set_status(phase="final-evaluation")
-        replies = self._send(nodes, pm.EVALUATE, lambda _: content, timeout=self.cfg.round_timeout_s)
+        try:
+            replies = self._send(nodes, pm.EVALUATE, box.content_for(lambda _: req),
+                                 timeout=self.cfg.round_timeout_s)
+        finally:
+            box.close()
         evals = []
         for nid in nodes:
             r = replies.get(nid)
@@ -660,6 +676,26 @@ class FederatedJob:
 
     # ------------------------------------------------------------------ driver
     def run_job(self) -> None:
+        """All phases (:meth:`_run_job`), with the bulk-transfer server up meanwhile."""
+        cfg = self.cfg
+        if cfg.bulk_transport == "http":
+            self.bulk = BulkServer(Path(cfg.run_dir) / ".bulk", cfg.bulk_listen, cfg.bulk_url)
+            try:
+                self.bulk.start()
+            except OSError as err:
+                raise FedsegError(f"job config: field 'bulk_listen': cannot serve bulk transfers "
+                                  f"on {cfg.bulk_listen} ({err})") from None
+            self.log(f"bulk transfers: {self.bulk.url or '(the sites server address)'}/fedseg/bulk/ "
+                     f"(listening on port {self.bulk.port})")
+            self.run.log({"phase": "transport", "bulk_transport": "http",
+                          "bulk_url": self.bulk.url, "bulk_port": self.bulk.port})
+        try:
+            self._run_job()
+        finally:
+            if self.bulk is not None:
+                self.bulk.stop()
+
+    def _run_job(self) -> None:
         """All phases. With ``cfg.resume`` and a checkpoint in the run folder, the job continues
         after the last completed round with the saved plan, global weights and server-optimiser
         state (a new Flower run: Flower cannot resume one). The sites' preprocessed caches are

@@ -37,6 +37,7 @@ survivors and accounts the release with noise multiplier z·√(m/n) (``dp_epsil
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -59,11 +60,12 @@ from fedseg.privacy.secagg import (
     ShareKeysRequest,
 )
 from fedseg.protocol import messages as pm
-from fedseg.protocol.records import array_record, pack, payload_bytes, unpack
+from fedseg.protocol.records import pack, payload_bytes, unpack
 from fedseg.server.rundir import memory_mb
 
 if TYPE_CHECKING:
     from fedseg.server.job import FederatedJob
+    from fedseg.server.outbox import Outbox
 
 SETUP_TIMEOUT_S = 600.0
 
@@ -145,12 +147,14 @@ class SecureAggregation:
 # --------------------------------------------------------------------------- job phases
 
 
-def _reply_part(job: FederatedJob, nid: int, r: Message | None, model: type) -> tuple[Any, dict, str | None]:
+def _reply_part(job: FederatedJob, nid: int, r: Message | None, model: type,
+                box: Outbox | None = None) -> tuple[Any, Any, str | None]:
     err = job._reply_error(r)
     if err is not None:
         return None, {}, err
     try:
-        rep, arrays = unpack(r.content, model)  # type: ignore[union-attr]
+        rep, arrays = (box.unpack(nid, r, model) if box is not None  # type: ignore[arg-type]
+                       else unpack(r.content, model))  # type: ignore[union-attr]
     except pm.ProtocolError as perr:
         return None, {}, str(perr)
     return rep, arrays, None
@@ -395,9 +399,9 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             per_site_metrics=cfg.per_site_metrics,
             eval_classes=classes if len(layout[1]) > 2 else [], dp=dp,
         )
-        return pack(req, record=weights[0])
+        return box.content(nid, req)
 
-    weights = [array_record(job.state.weights)]  # one copy for every site's message
+    box = job.outbox(job.state.weights, upload=True)  # the model once for every site
     evals: list[tuple[str, pm.EvalReply]] = []
 
     def take(nid: int, r: Message | None) -> None:
@@ -405,13 +409,14 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
         name = job._name(nid)
         rec: dict[str, Any] = {"phase": "train", "round": rnd, "site": name,
                                "bytes_sent": job._sent_bytes.get(nid, 0)}
-        rep, arrays, err = _reply_part(job, nid, r, pm.TrainReply)
+        rep, arrays, err = _reply_part(job, nid, r, pm.TrainReply, box)
         if err is None:
             rec["bytes_received"] = payload_bytes(r.content)
             if rep.secagg is None or rep.secagg.masked is None or pm.SECAGG_VECTOR not in arrays:
                 err = "no masked update in the reply"
             elif not a.server.add_masked(rep.secagg.masked, arrays[pm.SECAGG_VECTOR]):
                 err = a.server.excluded.get(name, "masked upload refused")
+            box.done(nid)
             if err is not None:
                 rec.update(status="rejected", reason=err)
                 job.log(f"round {rnd}: update from '{name}' rejected: {err}")
@@ -429,8 +434,11 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             job.log(f"round {rnd}: site '{name}' {rec['status']}: {err}")
         job.run.log(rec)
 
-    replied = job._exchange(nodes, pm.TRAIN, content, cfg.round_timeout_s, take,
-                            after_push=weights.clear)
+    try:
+        replied = job._exchange(nodes, pm.TRAIN, content, cfg.round_timeout_s, take,
+                                after_push=box.pushed)
+    finally:
+        box.close()
     for nid in nodes:
         if nid not in replied:
             take(nid, None)
@@ -454,9 +462,9 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
     if n_total <= 0:
         return fail("the summed case count is 0")
     # DP: unweighted mean of the clipped, noised deltas (why: fedseg/privacy/dp.py, Weighting)
-    mean_flat = (res.float_sum / len(res.survivors) if dp is not None
-                 else res.float_sum * (scale / n_total))
-    if not np.isfinite(mean_flat).all():
+    mean_flat = res.float_sum  # scaled in place: no second full-size vector
+    mean_flat *= (1.0 / len(res.survivors)) if dp is not None else (scale / n_total)
+    if not math.isfinite(float(mean_flat.sum())):
         return fail("the unmasked sum is not finite; not applied")
     mean_delta = {k: v.astype(np.float32) for k, v in agg.unflatten(mean_flat, shapes(job)).items()}
     job.state.weights = job.opt.step(job.state.weights, mean_delta)
@@ -491,11 +499,14 @@ def final_evaluation(job: FederatedJob) -> None:
         nodes = setup(job, rid, nodes, layout, "final evaluation")
         a = sec.aggs[rid]
         assert a.mask_reqs is not None and a.server is not None
-        weights = array_record(job.state.weights)  # one copy for every site's message
-        replies = job._send(nodes, pm.EVALUATE, lambda nid: pack(pm.EvalRequest(
-            round=job.state.round, plan_hash=job.plan.hash(), per_site_metrics=False,
-            eval_classes=classes, secagg=sec.part(mask=a.mask_reqs[job._name(nid)]),
-        ), record=weights), timeout=job.cfg.round_timeout_s)
+        box = job.outbox(job.state.weights)  # the model once for every site
+        try:
+            replies = job._send(nodes, pm.EVALUATE, box.content_for(lambda nid: pm.EvalRequest(
+                round=job.state.round, plan_hash=job.plan.hash(), per_site_metrics=False,
+                eval_classes=classes, secagg=sec.part(mask=a.mask_reqs[job._name(nid)]),
+            )), timeout=job.cfg.round_timeout_s)
+        finally:
+            box.close()
         for nid in nodes:
             rep, arrays, err = _reply_part(job, nid, replies.get(nid), pm.EvalReply)
             if err is None and (rep.secagg is None or rep.secagg.masked is None

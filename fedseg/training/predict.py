@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from fedseg.data.dataset import CaseFiles, DatasetJson, load_case, to_nibabel_order
 from fedseg.errors import FedsegError
 from fedseg.models.bundle import load_bundle
-from fedseg.models.network import build_network
+from fedseg.models.network import build_network, load_weights
 from fedseg.planning.plan import Plan
 from fedseg.training.preprocess import (
     CaseProperties,
@@ -143,7 +143,7 @@ def load_network(plan: Plan, config: str, state: dict, model_dir: Path) -> torch
     for ds_flag in (True, False):
         net = build_network(plan, config, deep_supervision=ds_flag)
         try:
-            net.load_state_dict(state, strict=True)
+            load_weights(net, state)
         except RuntimeError as err:
             err_msg = str(err).splitlines()[0]
             continue

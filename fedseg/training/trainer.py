@@ -52,7 +52,7 @@ from monai.networks.nets import DynUNet
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedseg.errors import FedsegError
-from fedseg.models.network import build_network
+from fedseg.models.network import build_network, load_weights, weights_of
 from fedseg.planning.plan import Plan
 from fedseg.training.augment import AugmentConfig, DeviceAugmenter, spatial_setup
 from fedseg.training.sampling import DevicePrefetcher, PatchSampler, batch_iterator
@@ -333,7 +333,7 @@ class LocalTrainer:
                 f"{self.state_path}: made with a different plan; use a new folder or delete it"
             )
         if st.get("model") is not None:
-            self.net.load_state_dict(st["model"])
+            load_weights(self.net, st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.iteration = int(st["iteration"])
         torch.set_rng_state(st["rng_cpu"])
@@ -364,12 +364,13 @@ class LocalTrainer:
         )
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The network's ``state_dict`` copied to the CPU (DynUNet's own keys)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+        """The network's weights copied to the CPU (DynUNet's own keys, without the aliased
+        ``skip_layers`` entries: ``models/network.py``)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in weights_of(self.net).items()}
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         try:
-            self.net.load_state_dict(weights)
+            load_weights(self.net, weights)
         except RuntimeError as err:
             first = str(err).splitlines()[0]
             raise FedsegError(f"weights do not fit the plan's network: {first}") from None
