@@ -169,14 +169,19 @@ class FleetProxyApp:
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         req = self._client.build_request("POST", url, headers=headers, content=bytes(body))
+        await self._relay(req, send, f"SuperLink ({name})")
+
+    async def _relay(self, req: httpx.Request, send: Send, upstream: str) -> None:
+        """Send ``req`` upstream and stream the answer back (504/502 if it cannot)."""
+        assert self._client is not None
         try:
             resp = await self._client.send(req, stream=True)
         except httpx.TimeoutException as err:
-            log.error("SuperLink did not answer %s in time: %s", name, err)
+            log.error("%s did not answer in time: %s", upstream, err)
             await _plain(send, 504, b"upstream timeout\n")
             return
         except httpx.TransportError as err:
-            log.error("SuperLink unreachable for %s: %s", name, err)
+            log.error("%s unreachable: %s", upstream, err)
             await _plain(send, 502, b"upstream unavailable\n")
             return
         try:
@@ -210,24 +215,7 @@ class FleetProxyApp:
             self._client = self._new_client()
         req = self._client.build_request(method, self.bulk_upstream + scope["path"], headers=headers,
                                          content=body() if method == "PUT" else None)
-        try:
-            resp = await self._client.send(req, stream=True)
-        except httpx.TimeoutException as err:
-            log.error("bulk server did not answer in time: %s", err)
-            await _plain(send, 504, b"upstream timeout\n")
-            return
-        except httpx.TransportError as err:
-            log.error("bulk server unreachable: %s", err)
-            await _plain(send, 502, b"upstream unavailable\n")
-            return
-        try:
-            out = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
-            await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
-            async for chunk in resp.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await resp.aclose()
+        await self._relay(req, send, "bulk server")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
