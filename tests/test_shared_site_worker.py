@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_federation_faults import _wait
 
 from fedseg.client.app import _TrainerCache
 from fedseg.client.worker import _shared_retry_invoker, worker_argv
@@ -104,16 +105,21 @@ def test_trainer_cache_keeps_one_trainer_per_site(tmp_path: Path) -> None:
     assert cache.take(("a",), a.state_dir, site="A") is None  # ... and the old one was freed
 
 
-def test_two_sites_one_worker_complete_secure_rounds(tmp_path: Path) -> None:
-    sites = make_demo_data(tmp_path / "data", sites=2, cases=3, test_cases=0, seed=0)
+def _federation_job(tmp_path: Path, n_sites: int, **job: object) -> tuple[list[Path], JobConfig, RunDir]:
+    """Demo sites, their pooled tiny plan, and a job over them (``job``: its other fields)."""
+    sites = make_demo_data(tmp_path / "data", sites=n_sites, cases=3, test_cases=0, seed=0)
     plan_path = tmp_path / "plan.json"
     plan_main(sites, plan_path, preset="tiny")
     run_dir = tmp_path / "run"
-    job = JobConfig(run_dir=str(run_dir), job_id="shared-worker", min_sites=2, rounds=2,
-                    local_iterations=2, eval_every=3, plan_file=str(plan_path),
-                    secure_aggregation=True, enrol_timeout_s=240, round_timeout_s=240,
-                    site_wait_s=60, on_too_few_sites="fail")
-    run = RunDir(run_dir)
+    cfg = JobConfig(run_dir=str(run_dir), min_sites=2, plan_file=str(plan_path),
+                    enrol_timeout_s=240, round_timeout_s=240, **job)
+    return sites, cfg, RunDir(run_dir)
+
+
+def test_two_sites_one_worker_complete_secure_rounds(tmp_path: Path) -> None:
+    sites, job, run = _federation_job(
+        tmp_path, 2, job_id="shared-worker", rounds=2, local_iterations=2, eval_every=3,
+        secure_aggregation=True, site_wait_s=60, on_too_few_sites="fail")
     with Federation(tmp_path, sites, device="cpu", sites_per_worker=2) as fed:
         fed.start_superlink()
         for d in sites:
@@ -147,23 +153,12 @@ def test_site_sharing_a_worker_killed_mid_round_rejoins(tmp_path: Path) -> None:
     """siteA and siteC share a worker (siteB, with its own environment, gets its own): siteC's
     SuperNode is SIGKILLed while round 2 trains and restarted; the round completes with A and B,
     the run finishes, and the shared worker (never restarted) serves siteC again afterwards."""
-    sites = make_demo_data(tmp_path / "data", sites=3, cases=3, test_cases=0, seed=0)
-    plan_path = tmp_path / "plan.json"
-    plan_main(sites, plan_path, preset="tiny")
-    run_dir = tmp_path / "run"
-    job = JobConfig(run_dir=str(run_dir), job_id="shared-faults", min_sites=2, rounds=4,
-                    local_iterations=10, eval_every=5, plan_file=str(plan_path),
-                    secure_aggregation=False, enrol_timeout_s=240, round_timeout_s=240,
-                    site_wait_s=120)
-    run = RunDir(run_dir)
+    sites, job, run = _federation_job(
+        tmp_path, 3, job_id="shared-faults", rounds=4, local_iterations=10, eval_every=5,
+        secure_aggregation=False, site_wait_s=120)
 
     def wait(cond, timeout: float, what: str) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.5)
-        pytest.fail(f"timed out waiting for {what}: {json.dumps(run.status())}")
+        _wait(cond, timeout, what, diag=lambda: json.dumps(run.status()))
 
     with Federation(tmp_path, sites, device="cpu", sites_per_worker=3) as fed:
         fed.require_secure_aggregation = False

@@ -133,7 +133,7 @@ class BulkEndpoint:
                 conn.putheader("Content-Length", str(n))
                 conn.endheaders()
                 try:
-                    for mv in buffers(arrays):
+                    for mv in buffers(arrays.values()):
                         for i in range(0, len(mv), CHUNK):
                             conn.send(mv[i:i + CHUNK])
                 except (BrokenPipeError, ConnectionResetError):

@@ -42,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedseg.errors import FedsegError
+from fedseg.privacy.aggregates import sum_of_squares
 from fedseg.privacy.keys import SecAggAbort, load_identity_private_key
 from fedseg.privacy.secagg import SecAggConfig, SecAggSite, SiteState
 
@@ -272,8 +273,6 @@ def check_local_update(delta: Mapping[str, np.ndarray], max_norm: float | None) 
     """The site-side update check that replaces the server's ``check_update`` under secure
     aggregation (the server sees only the sum): every value finite and, if ``max_norm`` is set,
     global L2 norm <= max_norm. Returns the norm; raises ValueError with the reason."""
-    from fedseg.privacy.aggregates import sum_of_squares
-
     sq = 0.0
     for k, d in delta.items():
         s = sum_of_squares(d)  # float64: finite for any finite float32/float64 tensor

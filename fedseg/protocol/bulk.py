@@ -23,7 +23,7 @@ This module is imported by both ends and imports neither.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -101,9 +101,9 @@ def _c_order(v: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
-def buffers(arrays: Mapping[str, np.ndarray]) -> Iterator[memoryview]:
+def buffers(arrays: Iterable[np.ndarray]) -> Iterator[memoryview]:
     """Each array's bytes in order, without copies for C-contiguous arrays."""
-    for v in arrays.values():
+    for v in arrays:
         a = _c_order(v)
         yield memoryview(a.reshape(-1).view(np.uint8))
 

@@ -12,6 +12,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedseg.protocol.bulk import get_envelope
 from fedseg.protocol.messages import ErrorReply, M, Msg, ProtocolError, decode, encode
 
 LAYOUT_KEY = "__layout__"
@@ -85,8 +86,6 @@ def unpack(content: RecordDict, model: type[M]) -> tuple[M, dict[str, np.ndarray
 
 def payload_bytes(content: RecordDict) -> int:
     """Approximate bytes on the wire (arrays dominate), bulk transfers next to it included."""
-    from fedseg.protocol.bulk import get_envelope
-
     n = 0
     try:
         env = get_envelope(content)

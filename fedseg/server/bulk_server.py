@@ -245,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(offer.nbytes))
         self.end_headers()
-        for mv in buffers(dict(enumerate(offer.arrays))):  # type: ignore[arg-type]
+        for mv in buffers(offer.arrays):
             for i in range(0, len(mv), CHUNK):
                 self.wfile.write(mv[i:i + CHUNK])
 
