@@ -5,6 +5,8 @@ foreign uploads are refused), uploads are read back lazily, and nothing is left 
 from __future__ import annotations
 
 import http.client
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,55 @@ def test_outbox_round_trip_through_flower_messages(bulk: BulkServer) -> None:
         receive(sent[2], pm.EvalRequest, site)  # the offer ended with the exchange
 
 
+def _get(srv: BulkServer, token: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("GET", f"/fedseg/bulk/{token}")
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def test_rendezvous_long_polls_and_takes_one_answer(bulk: BulkServer, monkeypatch) -> None:
+    """The unmask step's mailbox (BulkRendezvous): a GET waits for the posted request (204 'ask
+    again' after the long-poll time), the answer is taken once, only after a request, within
+    its size limit; a closed mailbox answers 404 and the server's wait ends with what came."""
+    from fedseg.server import bulk_server
+
+    monkeypatch.setattr(bulk_server, "LONG_POLL_S", 0.3)
+    rv = bulk.rendezvous(max_bytes=64)
+    assert len(rv.token) >= 43 and rv.url == bulk.url
+    assert _get(bulk, rv.token) == (204, b"")  # nothing asked yet
+    assert _put(bulk, rv.token, b"early") == 409  # no answer before a question
+    site = BulkEndpoint()
+    got: list[bytes | None] = []
+    t = threading.Thread(target=lambda: got.append(site.await_step(rv, time.monotonic() + 30)))
+    t.start()
+    time.sleep(0.5)  # the site is long-polling (one 204 already)
+    t0 = time.monotonic()
+    assert bulk.post(rv.token, b'{"q": 1}') and not bulk.post(rv.token, b"again")
+    t.join(10)
+    assert got == [b'{"q": 1}'] and time.monotonic() - t0 < 2  # answered at once, not polled
+    assert bulk.answers([rv.token], timeout=0.2) == {}  # nothing yet: waits, then what came
+    assert _put(bulk, rv.token, b"x" * 65) == 413
+    site.answer_step(rv, b'{"a": 2}')
+    with pytest.raises(FedsegError, match="409"):  # once
+        site.answer_step(rv, b'{"a": 3}')
+    assert bulk.answers([rv.token], timeout=5) == {rv.token: b'{"a": 2}'}
+    bulk.close_rendezvous(rv.token)
+    assert _get(bulk, rv.token)[0] == 404
+    assert site.await_step(rv, time.monotonic() + 5) is None  # closed: the listener stops
+    # a listener waiting when the mailbox closes is told at once
+    rv2 = bulk.rendezvous()
+    done: list[bytes | None] = []
+    t = threading.Thread(target=lambda: done.append(site.await_step(rv2, time.monotonic() + 30)))
+    t.start()
+    time.sleep(0.1)
+    bulk.close_rendezvous(rv2.token)
+    t.join(5)
+    assert done == [None]
+
+
 def test_without_a_slot_arrays_stay_in_the_reply() -> None:
     """Flower transport (``bulk_transport = "flower"``): nothing leaves the Flower message."""
     model = _model(4)
@@ -171,6 +222,11 @@ def test_through_the_public_tls_port(tmp_path: Path) -> None:
         slot = srv.slot(sum(v.nbytes for v in model.values()))
         up = site.upload(slot, got)
         assert np.array_equal(srv.take(up)["big"], model["big"])
+        rv = srv.rendezvous()  # the unmask step's mailbox, through the same port
+        assert srv.post(rv.token, b"{}")
+        assert site.await_step(rv, time.monotonic() + 30) == b"{}"
+        site.answer_step(rv, b'{"ok": true}')
+        assert srv.answers([rv.token], 5) == {rv.token: b'{"ok": true}'}
         with pytest.raises(FedsegError, match="TLS verification failed"):
             BulkEndpoint(server=f"127.0.0.1:{port}", ca_file=str(other / "ca.pem")).fetch(down)
         with pytest.raises(FedsegError, match="no 'server' address"):

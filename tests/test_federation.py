@@ -55,6 +55,13 @@ def test_run_directory_is_complete(sim: Path) -> None:
         assert r["cases"] > 0 and r["loss"] > 0
         assert r["secagg"]["survivors"] == ["siteA", "siteB", "siteC"]
         assert r["secagg"]["num_clipped"] == 0
+    # the site workers take each round's unmask step from the bulk rendezvous, and round 1's
+    # keys were set up on the prepare message: every training round is ONE Flower exchange,
+    # as without secure aggregation
+    assert [r["secagg"]["exchanges"] for r in pooled] == [1, 1, 1]
+    unmasks = [r for r in recs if r["phase"] == "secagg" and r.get("step") == "unmask"
+               and "/train" in r["round_id"]]
+    assert [(r["via_rendezvous"], r["via_flower"]) for r in unmasks] == [(3, 0)] * 3
     assert all(r.get("cases") is None for r in recs if r["phase"] in ("enrol", "prepare"))
     assert (sim / "pki" / "roster.json").is_file()
     job = json.loads((run / "job.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -455,6 +456,111 @@ def test_masks_cancel_and_expand_deterministically():
     masking.apply_masks(w, [(bytes(32), 1), (seed, -1)])
     assert np.array_equal(v, w)
     assert np.array_equal(masking.expand_mask(seed, masking.CHUNK + 123)[:1000], m)
+
+
+def _reference_masked(parts, weight, clip, n, seeds):
+    """The unfused way: one weighted float64 vector, quantised, then each mask over all of it."""
+    flat = np.concatenate([np.asarray(p, np.float64).reshape(-1) * weight for p in parts])
+    qmax = masking.fixed_point_max(n)
+    q = np.rint(np.clip(flat, -clip, clip) * (qmax / clip))
+    out = np.clip(q, -qmax, qmax).astype(np.int32).view(np.uint32)
+    for seed, sign in seeds:
+        m = masking.expand_mask(seed, out.shape[0])
+        out = (out + m) if sign == 1 else (out - m)
+    return out
+
+
+def test_fused_quantise_and_mask_is_bit_identical_to_the_unfused_way():
+    """``quantize_parts_into`` (the site's path: the delta's tensors weighted, quantised and
+    masked block by block, never concatenated) gives exactly the ring values of the plain
+    pipeline, across block boundaries, with clipping, a weight and mixed dtypes."""
+    rng = np.random.default_rng(7)
+    parts = [rng.normal(0, 0.4, (3, masking.QCHUNK + 5)).astype(np.float32),
+             rng.normal(0, 0.4, 17).astype(np.float64),
+             rng.normal(0, 0.4, (masking.CHUNK + 11,)).astype(np.float32)]
+    seeds = [(bytes(range(32)), 1), (bytes(range(1, 33)), -1), (bytes(32), 1)]
+    clip, n, weight = 1.0, 5, 1.7
+    total = sum(p.size for p in parts)
+    out = np.empty(total, np.uint32)
+    clipped = masking.quantize_parts_into(parts, out, clip, n, weight, masking.MaskStreams(seeds))
+    want = _reference_masked(parts, weight, clip, n, seeds)
+    assert np.array_equal(out, want)
+    flat = np.concatenate([p.reshape(-1).astype(np.float64) * weight for p in parts])
+    assert clipped == int(np.count_nonzero(np.abs(flat) > clip)) > 0
+    # the single-vector form and no masks agree too
+    one = np.empty(total, np.uint32)
+    masking.quantize_into(flat / weight, one, clip, n, weight)
+    assert np.array_equal(one, _reference_masked([flat / weight], weight, clip, n, []))
+    with pytest.raises(ValueError, match="NaN"):
+        masking.quantize_parts_into([np.array([0.0, np.nan])], np.empty(2, np.uint32), clip, n)
+    with pytest.raises(ValueError, match="1-D uint32 array of 3"):
+        masking.quantize_parts_into([np.zeros(3)], np.empty(4, np.uint32), clip, n)
+
+
+def test_dequantise_into_tensors_equals_the_float64_way():
+    rng = np.random.default_rng(8)
+    ring = rng.integers(0, 2**32, masking.QCHUNK * 2 + 9, dtype=np.uint64).astype(np.uint32)
+    shapes = [("a", (masking.QCHUNK + 3,)), ("b", (2, 3, 1)), ("c", (masking.QCHUNK,))]
+    step = masking.quantization_step(10.0, 5)
+    got = masking.dequantize_parts(ring, step, 0.37, shapes)
+    ref = (masking.dequantize_step(ring, step) * 0.37).astype(np.float32)
+    pos = 0
+    for name, shape in shapes:
+        k = int(np.prod(shape))
+        assert got[name].dtype == np.float32 and got[name].shape == shape
+        assert np.array_equal(got[name].reshape(-1), ref[pos:pos + k])
+        pos += k
+    with pytest.raises(ValueError, match="the shapes"):
+        masking.dequantize_parts(ring, step, 1.0, shapes[:2])
+
+
+def test_buffer_pool_reuses_only_what_was_given_back():
+    from fedseg.privacy.buffers import BufferPool
+
+    pool = BufferPool(keep=1)
+    a = pool.take(10)
+    assert pool.take(10) is not a  # still taken: a fresh one
+    pool.give(a)
+    pool.give(a)  # twice is once
+    assert len(pool) == 1 and pool.take(11) is not a and pool.take(10) is a and len(pool) == 0
+    pool.give(a[2:])  # a view is never pooled
+    pool.give(np.empty(10, np.float32))
+    assert len(pool) == 0
+    b, c = pool.take(5), pool.take(6)
+    pool.give(b)
+    pool.give(c)  # keep=1: the older goes
+    assert len(pool) == 1 and pool.take(6) is c
+
+
+def test_server_sum_buffer_is_reused_and_uploads_can_be_read_in_blocks(cfg, ids, tmp_path: Path):
+    """``SecAggServer(pool=...)``: the running sum's buffer goes back to the pool on
+    ``AggregateResult.release`` and serves the next round; an upload given as a block source
+    (``SpooledArray``: read from the spool file block by block) sums like the array."""
+    from fedseg.privacy.buffers import BufferPool
+    from fedseg.protocol.bulk import ArraySpec
+    from fedseg.server.bulk_server import SpooledArray
+
+    pool = BufferPool(keep=2)
+    deltas = _deltas(9)
+    seen = []
+    for r, as_blocks in ((1, False), (2, True)):
+        sites = {n: SecAggSite(cfg, n, ids[n]) for n in NAMES}
+        srv = SecAggServer(cfg, f"pool/{r}", L, pool=pool)
+        keys_req = srv.advertisements([sites[m].advertise(f"pool/{r}") for m in NAMES])
+        reqs = srv.relay_shares([sites[n].share_keys(keys_req) for n in NAMES])
+        for n in NAMES:
+            meta, vec = sites[n].mask(reqs[n], deltas[n], {"num_samples": 1})
+            if as_blocks:
+                path = tmp_path / f"{n}.bin"
+                path.write_bytes(b"pad" + vec.tobytes())
+                vec = SpooledArray(path, 3, ArraySpec(k="v", d="<u4", s=[vec.shape[0]]))
+                assert not isinstance(vec, np.ndarray)
+            assert srv.add_masked(meta, vec)
+        res = srv.unmask([sites[n].unmask(srv.unmask_request()) for n in NAMES])
+        assert np.abs(res.float_sum - _clipped_sum(deltas, NAMES, 1.0)).max() <= res.error_bound
+        seen.append(res.ring_sum.base)
+        res.release()
+    assert seen[0] is seen[1]  # round 2 summed into round 1's buffer
 
 
 def test_shamir_threshold():

@@ -170,11 +170,13 @@ def test_site_refuses_its_own_bad_update(pki: Path, tmp_path: Path) -> None:
 
 
 def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict,
-                    rounds: int, delta_for=None, privacy=None):
+                    rounds: int, delta_for=None, privacy=None, bulk=None):
     """A ``FederatedJob`` stand-in for ``secure_rounds.train_round``: the real ClientApp
     handlers and SecAgg server, messages passed in process instead of through Flower.
-    ``job.dead`` (node ids that do not answer) and ``job.calls`` (message types sent) are for
-    the test; ``delta_for(nid)`` gives a site's delta (default: 0.01·(nid + 1))."""
+    ``job.dead`` (node ids that do not answer), ``job.mute`` (message type -> node ids that
+    do not answer it) and ``job.calls`` (message types sent) are for the test; ``delta_for(nid)``
+    gives a site's delta (default: 0.01·(nid + 1)). ``bulk``: a real BulkServer (uploads and the
+    unmask rendezvous over HTTP on 127.0.0.1), else arrays inside the messages."""
     from types import SimpleNamespace as NS
 
     from fedseg.client import secure
@@ -197,7 +199,8 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
     def send(nodes, mtype, content_for, timeout):
         job.calls.append(mtype)
         job._sent_bytes = dict.fromkeys(nodes, 1)
-        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in job.dead}
+        mute = job.dead | job.mute.get(mtype, set())
+        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in mute}
 
     def exchange(nodes, mtype, content_for, timeout, on_reply, after_push=None):
         replies = send(nodes, mtype, content_for, timeout)
@@ -215,10 +218,11 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
                       best_dice=-1.0),
              opt=ServerOptimizer(ServerOptimizerConfig()), sites=dict.fromkeys(range(3)),
              _name=lambda n: SITES[n], _send=send, _exchange=exchange,
-             _log_eval=lambda *_: None, dead=set(), calls=[], privacy=privacy,
+             _log_eval=lambda *_: None, dead=set(), mute={}, calls=[], privacy=privacy,
              secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID))
     job._reply_error = lambda r: FederatedJob._reply_error(job, r)
-    job.bulk = None  # arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
+    job._train_exchange = lambda *a: FederatedJob._train_exchange(job, *a)
+    job.bulk = bulk  # None: arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
     job.outbox = lambda arrays, upload=False: FederatedJob.outbox(job, arrays, upload)
     return job
 
@@ -258,6 +262,73 @@ def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path)
     recs = job.run.read_metrics()
     dropped = [r for r in recs if r["phase"] == "train" and r["round"] == 4 and r["site"] == "siteC"]
     assert dropped and dropped[0]["status"] == "dropped", dropped
+
+
+@pytest.fixture
+def bulk_server(tmp_path: Path):
+    from fedseg.server.bulk_server import BulkServer
+
+    srv = BulkServer(tmp_path / "spool").start()
+    yield srv
+    srv.stop()
+
+
+def test_unmask_through_the_bulk_rendezvous(pki: Path, tmp_path: Path, bulk_server,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bulk transfers and sites that outlive their messages (the site worker), the unmask
+    step and the next round's share keys go through each site's rendezvous: a round is ONE
+    Flower exchange, with the same result as the two-exchange path (the test above). A site
+    dead after sharing keys is recovered as before."""
+    from fedseg.client import secure
+    from fedseg.server import secure_rounds as sr
+
+    monkeypatch.setitem(secure._BACKGROUND, "on", True)
+    shapes = {"w": (3, 4), "b": (4,)}
+    job = _in_process_job(pki, tmp_path, "job-rv", shapes, {"siteA": 8, "siteB": 20, "siteC": 3},
+                          3, bulk=bulk_server)
+    pooled = []
+    for rnd in (1, 2, 3):
+        if rnd == 3:
+            job.dead.add(2)
+        pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
+    assert job.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.TRAIN, pm.TRAIN]
+    assert [p["status"] for p in pooled] == ["ok"] * 3
+    assert [p["secagg"]["exchanges"] for p in pooled] == [3, 1, 1]
+    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and pooled[2]["cases"] == 28
+    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 28
+    np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
+    unmasks = [r for r in job.run.read_metrics() if r.get("step") == "unmask"]
+    assert [(r["via_rendezvous"], r["via_flower"]) for r in unmasks] == [(3, 0), (3, 0), (2, 0)]
+    assert not list(bulk_server.spool.iterdir())  # every upload folded and deleted
+
+
+def test_a_silent_listener_gets_the_step_by_flower(pki: Path, tmp_path: Path, bulk_server,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site that said it listens but does not answer its rendezvous (its worker restarted
+    after the upload, say) is sent the unmask step as a Flower message after
+    ``FAST_STEP_WAIT_S``; if it is gone altogether, its upload still counts: its self mask is
+    rebuilt from the others' shares."""
+    from fedseg.client import secure
+    from fedseg.server import secure_rounds as sr
+
+    monkeypatch.setitem(secure._BACKGROUND, "on", True)
+    monkeypatch.setattr(sr, "FAST_STEP_WAIT_S", 0.5)
+    real_listen = secure.listen_for_step
+    monkeypatch.setattr(secure, "listen_for_step",
+                        lambda msg, cfg: None if cfg.site == "siteC" else real_listen(msg, cfg))
+    shapes = {"w": (3, 4), "b": (4,)}
+    cases = {"siteA": 8, "siteB": 20, "siteC": 3}
+    job = _in_process_job(pki, tmp_path, "job-rv2", shapes, cases, 2, bulk=bulk_server)
+    p1 = sr.train_round(job, 1, False, [0, 1, 2])  # siteC answers the Flower UNMASK
+    assert job.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.UNMASK]
+    assert p1["status"] == "ok" and p1["secagg"]["exchanges"] == 4
+    job.calls.clear()
+    job.mute[pm.UNMASK] = {2}  # siteC uploads, then is gone
+    p2 = sr.train_round(job, 2, False, [0, 1, 2])
+    assert job.calls == [pm.TRAIN, pm.UNMASK]
+    assert p2["status"] == "ok" and p2["secagg"]["survivors"] == SITES and p2["cases"] == 31
+    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31
+    np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
 
 
 def test_dp_round_clips_noises_unweighted_and_accounts_epsilon(pki: Path, tmp_path: Path) -> None:

@@ -94,23 +94,25 @@ def run_local(fn: Callable[[Message, SiteConfig], Message], msg: Message, node_c
     try:
         cfg = SiteConfig.from_node_config(node_config)
         return fn(msg, cfg)
-    except (FedsegError, pm.ProtocolError) as err:
-        print(f"[fedseg-client {site}] {err}", flush=True)
-        from fedseg.client.secure import UpdateRefused
-        from fedseg.privacy.keys import SecAggAbort
+    except Exception as err:
+        return Message(pack_error(error_reply(site, err)), reply_to=msg)
 
+
+def error_reply(site: str, err: Exception) -> pm.ErrorReply:
+    """What the server is told of a failure at the site: one clear line for what the site can
+    fix (its kind names which), the exception's repr otherwise (its traceback is printed here)."""
+    from fedseg.client.secure import UpdateRefused
+    from fedseg.privacy.keys import SecAggAbort
+
+    if isinstance(err, (FedsegError, pm.ProtocolError)):
+        print(f"[fedseg-client {site}] {err}", flush=True)
         kind = ("refused" if isinstance(err, PlainRequestRefused) else
                 "secagg" if isinstance(err, SecAggAbort) else
                 "rejected" if isinstance(err, UpdateRefused) else "data")
-        return Message(pack_error(pm.ErrorReply(site=site, kind=kind, message=str(err))),
-                       reply_to=msg)
-    except Exception as err:  # report, don't hide: the server logs it in metrics.jsonl
-        traceback.print_exc()
-        return Message(
-            pack_error(pm.ErrorReply(site=site, kind="internal",
-                                     message=" ".join(repr(err).split())[:500])),
-            reply_to=msg,
-        )
+        return pm.ErrorReply(site=site, kind=kind, message=str(err))
+    # report, don't hide: the server logs it in metrics.jsonl
+    traceback.print_exception(err)
+    return pm.ErrorReply(site=site, kind="internal", message=" ".join(repr(err).split())[:500])
 
 
 class PlainRequestRefused(FedsegError):

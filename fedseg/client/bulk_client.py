@@ -28,6 +28,7 @@ from fedseg.protocol.bulk import (
     URL_PATH,
     BulkDownload,
     BulkEnvelope,
+    BulkRendezvous,
     BulkUploaded,
     BulkUploadSlot,
     buffers,
@@ -43,6 +44,7 @@ from fedseg.protocol.records import pack, unpack
 CHUNK = 4 << 20
 TIMEOUT_S = 300.0
 ATTEMPTS = 3  # transient connection failures (server busy, proxy restarting) are retried
+STEP_POLL_TIMEOUT_S = 60.0  # a rendezvous GET is held up to LONG_POLL_S (20 s) by the server
 
 
 class BulkEndpoint:
@@ -54,7 +56,7 @@ class BulkEndpoint:
         self.ca_file = ca_file
         self.insecure = insecure
 
-    def _connect(self, base: str) -> tuple[http.client.HTTPConnection, str]:
+    def _connect(self, base: str, timeout: float = TIMEOUT_S) -> tuple[http.client.HTTPConnection, str]:
         if not base:  # path only: the address our SuperNode connects to
             if not self.server:
                 raise FedsegError("the server sent a relative bulk-transfer URL but this site's "
@@ -63,10 +65,10 @@ class BulkEndpoint:
         u = urlsplit(base)
         if u.scheme == "https":
             ctx = ssl.create_default_context(cafile=self.ca_file)
-            return http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=TIMEOUT_S,
+            return http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=timeout,
                                                context=ctx), u.path.rstrip("/")
         if u.scheme == "http":
-            return http.client.HTTPConnection(u.hostname, u.port or 80, timeout=TIMEOUT_S), \
+            return http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout), \
                 u.path.rstrip("/")
         raise FedsegError(f"bulk-transfer URL '{base}': expected http:// or https://")
 
@@ -144,12 +146,8 @@ class BulkEndpoint:
                         raise ConnectionError("the server closed the upload") from None
                     raise FedsegError(f"server answered {resp.status}: "
                                       f"{resp.read(500).decode(errors='replace').strip()}") from None
-                resp = conn.getresponse()
-                body = resp.read(500)
-                if resp.status != 204:
-                    # 409: the slot is used (a retry after a lost answer) - not retried
-                    raise FedsegError(f"server answered {resp.status}: "
-                                      f"{body.decode(errors='replace').strip()}")
+                # 409: the slot is used (a retry after a lost answer) - not retried
+                _expect_204(conn.getresponse())
             finally:
                 conn.close()
 
@@ -160,6 +158,55 @@ class BulkEndpoint:
             raise FedsegError(f"bulk upload: {err}") from None
         _report("PUT", n, t0)
         return BulkUploaded(token=slot.token, layout=layout, nbytes=n)
+
+
+    def await_step(self, rv: BulkRendezvous, deadline: float) -> bytes | None:
+        """The step request posted on ``rv`` (long polls until ``deadline``, a ``time.monotonic``
+        value); None when the server closed it (the step went another way, or is over) or the
+        deadline passed. A few connection failures in a row end it too (the server is gone)."""
+        failures = 0
+        while time.monotonic() < deadline:
+            conn, prefix = self._connect(rv.url, timeout=STEP_POLL_TIMEOUT_S)
+            try:
+                conn.request("GET", prefix + URL_PATH + rv.token)
+                resp = conn.getresponse()
+                body = resp.read()
+                failures = 0
+                if resp.status == 200:
+                    return body
+                if resp.status != 204:  # 404: closed
+                    return None
+            except (ConnectionError, TimeoutError, http.client.HTTPException, OSError):
+                failures += 1
+                if failures >= ATTEMPTS:
+                    return None
+                time.sleep(0.5 * failures)
+            finally:
+                conn.close()
+        return None
+
+    def answer_step(self, rv: BulkRendezvous, body: bytes) -> None:
+        """PUT the site's answer into ``rv`` (once); FedsegError if the server does not take it."""
+        if len(body) > rv.max_bytes:
+            raise FedsegError(f"step answer of {len(body)} bytes exceeds the rendezvous' {rv.max_bytes}")
+
+        def put() -> None:
+            conn, prefix = self._connect(rv.url)
+            try:
+                conn.request("PUT", prefix + URL_PATH + rv.token, body=body,
+                             headers={"Content-Type": "application/json"})
+                _expect_204(conn.getresponse())
+            finally:
+                conn.close()
+
+        self._retrying("answering the step at", rv.url, put)
+
+
+def _expect_204(resp: http.client.HTTPResponse) -> None:
+    """A PUT's answer: 204, or a FedsegError quoting the server's reason (not retried)."""
+    text = resp.read(500)
+    if resp.status != 204:
+        raise FedsegError(f"server answered {resp.status}: {text.decode(errors='replace').strip()}")
 
 
 def _report(what: str, nbytes: int, t0: float) -> None:

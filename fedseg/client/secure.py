@@ -16,7 +16,10 @@ then unweighted (see :func:`train_reply`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -26,10 +29,14 @@ from flwr.app import Message
 from fedseg.errors import FedsegError
 from fedseg.privacy import aggregates as agg
 from fedseg.privacy import exact_sum
+from fedseg.privacy.buffers import BufferPool
 from fedseg.privacy.dp import DPConfig, privatize
-from fedseg.privacy.site_agent import SiteAgent, check_local_update
+from fedseg.privacy.site_agent import SiteAgent, check_local_update, state_path
 from fedseg.protocol import messages as pm
+from fedseg.protocol.bulk import get_envelope
 from fedseg.protocol.records import pack, unpack
+
+_UPLOAD_BUFFERS = BufferPool(keep=1)  # the masked vector's buffer, kept between rounds
 
 
 class UpdateRefused(FedsegError):
@@ -44,17 +51,102 @@ class SiteLike(Protocol):
     node_config: Mapping[str, object]
 
 
-def agent(msg: Message, cfg: SiteLike, part: pm.SecAggPart) -> SiteAgent:
-    return SiteAgent(cfg.site, cfg.node_config, cfg.cache_dir, part.params, int(msg.metadata.run_id))
+_STATE_LOCKS: dict[Path, threading.Lock] = {}
+_STATE_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def agent(run_id: int, cfg: SiteLike, part: pm.SecAggPart) -> Iterator[SiteAgent]:
+    """The site's :class:`SiteAgent` for ``part``, holding its state file's lock: in a site
+    worker the unmask step may be answered from a background thread (:func:`listen_for_step`)
+    while the next message is handled, and a SiteAgent reads the state when it is made and
+    writes it back after each step."""
+    path = state_path(cfg.cache_dir, str(part.params.job_id)).resolve()
+    with _STATE_LOCKS_GUARD:
+        lock = _STATE_LOCKS.setdefault(path, threading.Lock())
+    with lock:
+        yield SiteAgent(cfg.site, cfg.node_config, cfg.cache_dir, part.params, int(run_id))
+
+
+def _run_id(msg: Message) -> int:
+    return int(msg.metadata.run_id)
+
+
+def step_reply(run_id: int, cfg: SiteLike, req: pm.SecAggStepRequest) -> pm.SecAggStepReply:
+    """A protocol step with no values of its own (share keys, unmask), however it came."""
+    if req.secagg.mask is not None:
+        raise FedsegError("a stand-alone secure-aggregation step cannot carry a mask request")
+    with agent(run_id, cfg, req.secagg) as ag:
+        reply, _ = ag.process(req.secagg)
+    return pm.SecAggStepReply(site=cfg.site, secagg=reply)
 
 
 def step(msg: Message, cfg: SiteLike) -> Message:
     """``query.share_keys`` / ``query.unmask``: protocol steps with no values of their own."""
     req, _ = unpack(msg.content, pm.SecAggStepRequest)
-    if req.secagg.mask is not None:
-        raise FedsegError("a stand-alone secure-aggregation step cannot carry a mask request")
-    reply, _ = agent(msg, cfg, req.secagg).process(req.secagg)
-    return Message(pack(pm.SecAggStepReply(site=cfg.site, secagg=reply)), reply_to=msg)
+    return Message(pack(step_reply(_run_id(msg), cfg, req)), reply_to=msg)
+
+
+# ---- the unmask step through the bulk rendezvous (fedseg/protocol/bulk.py: BulkRendezvous) ----
+_BACKGROUND = {"on": False}
+STEP_WAIT_S = 900.0  # a listener gives up this long after the upload (the server gives up sooner)
+
+
+def enable_background_steps() -> None:
+    """Called by the long-lived site worker (``client/worker.py``): this process outlives the
+    message, so a TRAIN handler may leave a thread behind that answers the round's unmask step
+    from the bulk rendezvous. A fresh ``flwr-clientapp`` process per message would end (and
+    take the thread with it) as soon as it replied: there the step comes as a Flower message."""
+    _BACKGROUND["on"] = True
+
+
+def will_listen(msg: Message) -> bool:
+    env = get_envelope(msg.content)
+    return _BACKGROUND["on"] and env is not None and env.step is not None
+
+
+def listen_for_step(msg: Message, cfg: SiteLike) -> threading.Thread | None:
+    """Start the thread that waits on the request's rendezvous for the follow-up step (the
+    round's unmask, the next round's share keys) and answers it exactly as the ``query.unmask``
+    handler would; errors are answered as the handler's ``ErrorReply``. Returns the thread."""
+    env = get_envelope(msg.content)
+    if not will_listen(msg):
+        return None
+    assert env is not None and env.step is not None
+    rv, run_id = env.step, _run_id(msg)
+    from fedseg.client.bulk_client import endpoint_of
+
+    endpoint = endpoint_of(cfg.node_config)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        body = endpoint.await_step(rv, t0 + STEP_WAIT_S)
+        if body is None:
+            return  # closed: the server sent the step another way, or gave the round up
+        t1 = time.monotonic()
+        try:
+            try:
+                req = pm.SecAggStepRequest.model_validate_json(body)
+            except ValueError as err:
+                raise pm.ProtocolError(f"the step request does not validate: {err}") from None
+            answer = pm.StepAnswer(reply=step_reply(run_id, cfg, req))
+        except Exception as err:  # the same answer the Flower handler would give
+            from fedseg.client.app import error_reply
+
+            answer = pm.StepAnswer(error=error_reply(cfg.site, err))
+        try:
+            endpoint.answer_step(rv, answer.model_dump_json().encode())
+        except FedsegError as err:
+            print(f"[fedseg-client {cfg.site}] the unmask step's answer was not taken: {err}",
+                  flush=True)
+            return
+        print(f"[fedseg-client {cfg.site}] {time.strftime('%H:%M:%S')} unmask step via the bulk "
+              f"rendezvous: waited {t1 - t0:.2f} s, answered in {time.monotonic() - t1:.2f} s",
+              flush=True)
+
+    th = threading.Thread(target=run, name=f"fedseg-step-{cfg.site}", daemon=True)
+    th.start()
+    return th
 
 
 def plain_part(msg: Message, cfg: SiteLike,
@@ -64,20 +156,21 @@ def plain_part(msg: Message, cfg: SiteLike,
         return None
     if part.mask is not None:
         raise FedsegError("this message cannot carry a mask request")
-    reply, _ = agent(msg, cfg, part).process(part)
+    with agent(_run_id(msg), cfg, part) as ag:
+        reply, _ = ag.process(part)
     return reply  # type: ignore[return-value]
 
 
 def fingerprint_reply(msg: Message, cfg: SiteLike, part: pm.SecAggPart,
                       vector: np.ndarray) -> Message:
     """The fingerprint vector, exactly encoded (``exact_sum``), into the secure sum."""
-    ag = agent(msg, cfg, part)
+    with agent(_run_id(msg), cfg, part) as ag:
 
-    def values():
-        ints = exact_sum.encode(vector, ag.config.num_sites, what=f"site {cfg.site}: fingerprint")
-        return np.zeros(0), {agg.FINGERPRINT_FIELD: ints}
+        def values():
+            ints = exact_sum.encode(vector, ag.config.num_sites, what=f"site {cfg.site}: fingerprint")
+            return np.zeros(0), {agg.FINGERPRINT_FIELD: ints}
 
-    reply, vec = ag.process(part, values)
+        reply, vec = ag.process(part, values)
     arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None
     return Message(pack(pm.FingerprintReply(site=cfg.site, secagg=reply), arrays), reply_to=msg)
 
@@ -125,46 +218,62 @@ def train_reply(
         check_local_update(delta, req.max_update_norm)
     except ValueError as err:
         raise UpdateRefused(f"site {cfg.site} refuses its own update: {err}") from None
-    ag = agent(msg, cfg, req.secagg)
-    int_max = ag.config.int_max
-    weight = num_cases / req.case_scale
-    if req.dp is not None:  # clipped and noised here, before anything is masked
-        delta = private_delta(cfg, req, delta, max_sites=ag.config.num_sites)
-        weight = 1.0
-
-    def values():
-        floats = agg.flatten_delta(delta, weight)
-        ints: dict[str, object] = agg.train_ints(num_cases, loss, int_max)
-        if not req.per_site_metrics and req.eval_classes:
-            if evaluation is None:
-                ints.update(agg.eval_ints(0, {}, {}, req.eval_classes, int_max))
-            else:
-                ints.update(agg.eval_ints(evaluation.num_cases, evaluation.dice_per_class,
-                                          evaluation.hd95_per_class, req.eval_classes, int_max))
-        return floats, ints
-
-    reply, vec = ag.process(req.secagg, values)
-    shown = evaluation if req.per_site_metrics else None
-    rep = pm.TrainReply(site=cfg.site, iterations=iterations, seconds=seconds,
-                        iterations_per_s=it_per_s, evaluation=shown, secagg=reply)
-    arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None
     from fedseg.client.bulk_client import endpoint_of, reply_content
 
-    return Message(reply_content(msg, rep, arrays, endpoint_of(cfg.node_config)), reply_to=msg)
+    weight = num_cases / req.case_scale
+    # over a bulk upload the vector is sent before this returns, so its buffer can serve the
+    # next round (fedseg/privacy/buffers.py); inside a Flower reply it cannot
+    env = get_envelope(msg.content)
+    mreq = req.secagg.mask
+    buf = (_UPLOAD_BUFFERS.take(mreq.float_length + sum(mreq.int_fields.values()) + 1)
+           if env is not None and env.up is not None and mreq is not None else None)
+    try:
+        with agent(_run_id(msg), cfg, req.secagg) as ag:
+            int_max = ag.config.int_max
+            if req.dp is not None:  # clipped and noised here, before anything is masked
+                delta = private_delta(cfg, req, delta, max_sites=ag.config.num_sites)
+                weight = 1.0
+
+            def values():
+                ints: dict[str, object] = agg.train_ints(num_cases, loss, int_max)
+                if not req.per_site_metrics and req.eval_classes:
+                    if evaluation is None:
+                        ints.update(agg.eval_ints(0, {}, {}, req.eval_classes, int_max))
+                    else:
+                        ints.update(agg.eval_ints(evaluation.num_cases, evaluation.dice_per_class,
+                                                  evaluation.hd95_per_class, req.eval_classes,
+                                                  int_max))
+                # the tensors themselves: weighted, quantised and masked block by block
+                return delta, ints
+
+            reply, vec = ag.process(req.secagg, values, weight=weight, buffer=buf)
+        listening = will_listen(msg) and vec is not None
+        if listening:
+            reply = reply.model_copy(update={"listening": True})
+        shown = evaluation if req.per_site_metrics else None
+        rep = pm.TrainReply(site=cfg.site, iterations=iterations, seconds=seconds,
+                            iterations_per_s=it_per_s, evaluation=shown, secagg=reply)
+        arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None
+        content = reply_content(msg, rep, arrays, endpoint_of(cfg.node_config))
+    finally:
+        _UPLOAD_BUFFERS.give(buf)
+    if listening:  # the upload is with the server: wait for its unmask request
+        listen_for_step(msg, cfg)
+    return Message(content, reply_to=msg)
 
 
 def eval_reply(msg: Message, cfg: SiteLike,
                req: pm.EvalRequest, evaluation: pm.EvalReply) -> Message:
     """Final evaluation into the secure sum (``per_site_metrics = false``)."""
     assert req.secagg is not None
-    ag = agent(msg, cfg, req.secagg)
+    with agent(_run_id(msg), cfg, req.secagg) as ag:
 
-    def values():
-        return np.zeros(0), agg.eval_ints(evaluation.num_cases, evaluation.dice_per_class,
-                                          evaluation.hd95_per_class, req.eval_classes,
-                                          ag.config.int_max)
+        def values():
+            return np.zeros(0), agg.eval_ints(evaluation.num_cases, evaluation.dice_per_class,
+                                              evaluation.hd95_per_class, req.eval_classes,
+                                              ag.config.int_max)
 
-    reply, vec = ag.process(req.secagg, values)
+        reply, vec = ag.process(req.secagg, values)
     rep = pm.EvalReply(site=cfg.site, num_cases=0, dice_per_class={}, hd95_per_class={},
                        seconds=evaluation.seconds, secagg=reply)
     arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None

@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     fast_object_pulls()  # the task's arrays: retry after 50 ms, not 1-2-4-8 s (see that module)
     try:
         warm_imports()
+        from fedseg.client.secure import enable_background_steps
+
+        enable_background_steps()  # this process outlives its messages (client/secure.py)
         run_executor(args.runtime_api)
     except KeyboardInterrupt:
         pass

@@ -70,21 +70,6 @@ def _clamp(x: float, int_max: int) -> int:
     return int(min(max(round(x), 0), int_max))
 
 
-def flatten_delta(delta: Mapping[str, np.ndarray], weight: float) -> np.ndarray:
-    """weight · delta as one float64 vector, tensors in sorted-key order (one pass per tensor,
-    straight into the preallocated vector: at 30M values the naive convert-multiply-concatenate
-    made three 240 MB temporaries per site and round)."""
-    keys = sorted(delta)
-    out = np.empty(sum(int(np.size(delta[k])) for k in keys), dtype=np.float64)
-    a = 0
-    w = np.float64(weight)
-    for k in keys:
-        src = np.asarray(delta[k]).reshape(-1)
-        np.multiply(src, w, out=out[a:a + src.size])
-        a += src.size
-    return out
-
-
 def sum_of_squares(a: np.ndarray, chunk: int = 1 << 20) -> float:
     """Σ a² in float64, chunk by chunk (no full-size float64 copy); NaN or Inf anywhere makes
     the result non-finite, so ``math.isfinite`` of it is also the finiteness check."""

@@ -44,6 +44,8 @@ round r+1 only need public data, so they ride on round r's messages:
                 site → server: MaskedInput(r) + vector  +  KeyAdvertisement(r+1)
     UNMASK_r    server → site: UnmaskRequest(r)  +  ShareKeysRequest(r+1)
                 site → server: UnmaskReply(r)    +  ShareKeysReply(r+1)
+(fedseg carries UNMASK_r outside Flower when it can, so a round costs no extra Flower exchange:
+``fedseg/server/secure_rounds.py``.)
 Round 1's advertisement and share keys ride on the pre-training messages (e.g. enrol/prepare).
 A site keeps several rounds at once in :class:`SiteState` (a pydantic model to persist between
 ClientApp processes, e.g. in the SuperNode-side ``Context.state``; it holds the round's private
@@ -68,13 +70,14 @@ Security notes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Literal, NoReturn, Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -94,6 +97,7 @@ from pydantic import (
 from fedseg.errors import FedsegError
 from fedseg.privacy import keys as _keys
 from fedseg.privacy import masking, shamir
+from fedseg.privacy.buffers import BufferPool
 from fedseg.privacy.keys import (
     SEED_BYTES,
     SecAggAbort,
@@ -133,6 +137,7 @@ __all__ = [
 
 CLIP_COUNT_FIELD = "_num_clipped"  # appended by every site: the (masked) number of clipped values
 _MAX_RECOMBINATIONS = 2000  # subsets tried when some shares are corrupt
+_ADD_BLOCK = 1 << 20  # values per block when a masked upload is added into the sum (4 MiB)
 
 SiteName = Annotated[str, Field(min_length=1, max_length=200)]
 RoundId = Annotated[str, Field(min_length=1, max_length=256)]
@@ -543,31 +548,42 @@ class SecAggSite:
     def mask(
         self,
         req: MaskRequest,
-        values: np.ndarray,
+        values: np.ndarray | Mapping[str, np.ndarray],
         ints: Mapping[str, int | Iterable[int] | np.ndarray],
+        *,
+        weight: float = 1.0,
+        out: np.ndarray | None = None,
     ) -> tuple[MaskedInput, np.ndarray]:
-        """The masked upload: ``values`` (float, the clipped sample-weighted delta; any shape,
-        flattened) and ``ints`` (non-negative integers per ``req.int_fields``, e.g.
+        """The masked upload: ``weight`` × ``values`` (float, the clipped sample-weighted delta:
+        one array of any shape, flattened, or a mapping of arrays taken in sorted-key order and
+        never concatenated) and ``ints`` (non-negative integers per ``req.int_fields``, e.g.
         ``{"num_samples": 120}``) → (metadata, uint32 vector of length
-        float_length + Σ int lengths + 1)."""
+        float_length + Σ int lengths + 1). ``out``: a uint32 buffer of that length to write the
+        vector into (a site reuses one between rounds: no fresh 120 MB per round at 30M
+        values); it must not be read by anyone else until the upload is done."""
         rs = self._round(req.round_id, ("shared", "masked", "answered"), "mask")
         if rs.stage != "shared":
             raise SecAggAbort(
                 f"site {self.site!r} already uploaded a masked input for round {req.round_id!r}; refusing to "
                 "mask a second input under the same masks (the server would learn their difference)"
             )
-        flat = np.asarray(values)
-        if not np.issubdtype(flat.dtype, np.floating):
-            raise ValueError(f"values must be a float array, got {flat.dtype}")
-        flat = flat.reshape(-1)
-        if flat.shape[0] != req.float_length:
-            raise ValueError(f"values have {flat.shape[0]} elements, the round expects {req.float_length}")
+        if isinstance(values, Mapping):
+            parts = [np.asarray(values[k]) for k in sorted(values)]
+        else:
+            parts = [np.asarray(values).reshape(-1)]
+        for p in parts:
+            if not np.issubdtype(p.dtype, np.floating):
+                raise ValueError(f"values must be float arrays, got {p.dtype}")
+        n_values = sum(int(p.size) for p in parts)
+        if n_values != req.float_length:
+            raise ValueError(f"values have {n_values} elements, the round expects {req.float_length}")
         int_vals = self._int_block(req.int_fields, ints)
         L = req.float_length
-        out = np.empty(L + int_vals.shape[0] + 1, dtype=np.uint32)
-        clipped = masking.quantize_into(flat, out[:L], self.config.clip, self.config.num_sites)
-        out[L:-1] = int_vals
-        out[-1] = min(clipped, self.config.int_max)
+        size = L + int_vals.shape[0] + 1
+        if out is None:
+            out = np.empty(size, dtype=np.uint32)
+        elif out.dtype != np.uint32 or out.shape != (size,):
+            raise ValueError(f"out must be a uint32 buffer of {size} elements")
 
         if req.site != self.site:
             self._fail(rs, f"the mask request is addressed to {req.site!r}")
@@ -616,7 +632,14 @@ class SecAggSite:
         for peer in peers:
             seed = pairwise_seed(s_sk, _xpub(rs.verified[peer].s_pk), req.round_id, self.site, peer)
             masks.append((seed, 1 if self.site < peer else -1))
-        masking.apply_masks(out, masks)
+        streams = masking.MaskStreams(masks)
+        # quantised and masked block by block (masking.quantize_parts_into); a NaN raises
+        # ValueError before the round's state changes, so nothing masked ever leaves
+        clipped = masking.quantize_parts_into(parts, out[:L], self.config.clip,
+                                              self.config.num_sites, weight, streams)
+        out[L:-1] = int_vals
+        out[-1] = min(clipped, self.config.int_max)
+        streams.apply(out[L:])
         rs.held = held
         rs.masked_peers = peers
         rs.stage = "masked"
@@ -723,16 +746,36 @@ class SecAggSite:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """What the server learns: sums over the survivors only."""
+    """What the server learns: sums over the survivors only.
+
+    ``ring_sum`` holds the unmasked float part as ring integers; ``float_sum`` (float64) and
+    :meth:`mean_parts` (float32 tensors, scaled) are read from it. :meth:`release` hands its
+    buffer back to the server's pool once the caller is done with both."""
 
     round_id: str
     survivors: list[str]
     dropped: list[str]
-    float_sum: np.ndarray  # float64, exact sum of the survivors' quantised values
+    ring_sum: np.ndarray  # uint32, the exact ring sum of the survivors' quantised values
     ints: dict[str, np.ndarray]  # int64 exact sums per int field
     num_clipped: int
     quantization_step: float
     excluded: dict[str, str] = field(default_factory=dict)
+    pool: BufferPool | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def float_sum(self) -> np.ndarray:
+        """float64, exact sum of the survivors' quantised values."""
+        return masking.dequantize_step(self.ring_sum, self.quantization_step)
+
+    def mean_parts(self, factor: float,
+                   shapes: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+        """``factor`` × the float sum as float32 arrays of ``shapes`` (back to back, in order)."""
+        return masking.dequantize_parts(self.ring_sum, self.quantization_step, factor, shapes)
+
+    def release(self) -> None:
+        """The caller no longer reads ``ring_sum``: its buffer may serve the next round."""
+        if self.pool is not None and self.ring_sum.base is not None:
+            self.pool.give(self.ring_sum.base)
 
     @property
     def num_samples(self) -> int:
@@ -742,6 +785,16 @@ class AggregateResult:
     def error_bound(self) -> float:
         """Max |float_sum - Σ clipped inputs| from quantisation: |U| · Δ/2."""
         return len(self.survivors) * self.quantization_step / 2
+
+
+class BlockSource(Protocol):
+    """A vector read block by block (an upload spooled to disk: ``SpooledArray``), so the server
+    adds it into its sum without a full-size copy of its own."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def blocks(self, size: int) -> Iterator[np.ndarray]: ...
 
 
 class SecAggServer:
@@ -754,8 +807,12 @@ class SecAggServer:
         round_id: str,
         float_length: int,
         int_fields: Mapping[str, int] | None = None,
+        pool: BufferPool | None = None,
     ) -> None:
+        """``pool``: where the running sum's buffer comes from (and goes back to, through
+        :meth:`AggregateResult.release`); None allocates a fresh one."""
         self.config = config
+        self.pool = pool
         self.round_id = round_id
         self.float_length = int(float_length)
         self.int_fields = _check_int_fields(
@@ -827,11 +884,12 @@ class SecAggServer:
         }
 
     # ---- step 2
-    def add_masked(self, meta: MaskedInput, vector: np.ndarray) -> bool:
-        """Accumulate one masked upload; False (and ``excluded[site]``) if it is not acceptable."""
+    def add_masked(self, meta: MaskedInput, vector: np.ndarray | BlockSource) -> bool:
+        """Accumulate one masked upload; False (and ``excluded[site]``) if it is not acceptable.
+        ``vector``: an array, or a :class:`BlockSource` read block by block."""
         self._expect("mask")
         site = meta.site
-        vec = np.asarray(vector)
+        vec = vector if hasattr(vector, "blocks") else np.asarray(vector)
         problem = None
         if site not in self._sharers:
             problem = "uploaded without having shared keys"
@@ -852,10 +910,26 @@ class SecAggServer:
         if problem:
             self.excluded[site] = problem
             return False
-        if self._sum is None:
-            self._sum = vec.astype(np.uint32, copy=True)
-        else:
-            np.add(self._sum, vec.astype(np.uint32, copy=False), out=self._sum)
+        first = self._sum is None
+        if first:
+            self._sum = (self.pool.take(self.vector_length) if self.pool is not None
+                         else np.empty(self.vector_length, dtype=np.uint32))
+        total = self._sum
+        assert total is not None
+        try:
+            pos = 0
+            for blk in (vec.blocks(_ADD_BLOCK) if hasattr(vec, "blocks")  # type: ignore[union-attr]
+                        else (vec[a : a + _ADD_BLOCK] for a in range(0, vec.shape[0], _ADD_BLOCK))):
+                dst = total[pos : pos + blk.shape[0]]
+                if first:
+                    dst[...] = blk
+                else:
+                    np.add(dst, blk, out=dst)
+                pos += blk.shape[0]
+            if pos != self.vector_length:
+                raise OSError(f"read {pos} of {self.vector_length} values")
+        except OSError as err:  # a spooled upload that cannot be read back: the sum is lost
+            self._abort(f"the masked upload of {site!r} could not be read ({err}); nothing was unmasked")
         self._peers[site] = list(meta.peers)
         return True
 
@@ -953,11 +1027,12 @@ class SecAggServer:
             round_id=self.round_id,
             survivors=list(U),
             dropped=list(D),
-            float_sum=masking.dequantize(total[:L], self.config.clip, self.config.num_sites),
+            ring_sum=total[:L],
             ints=ints,
             num_clipped=int(total[-1]),
             quantization_step=self.config.quantization_step,
             excluded=dict(self.excluded),
+            pool=self.pool,
         )
 
     # ---- helpers

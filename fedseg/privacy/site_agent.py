@@ -235,11 +235,16 @@ class SiteAgent:
     def process(
         self,
         part: object,  # fedseg.protocol.messages.SecAggPart
-        values: Callable[[], tuple[np.ndarray, Mapping[str, object]]] | None = None,
+        values: Callable[[], tuple[np.ndarray | Mapping[str, np.ndarray], Mapping[str, object]]]
+        | None = None,
+        *,
+        weight: float = 1.0,
+        buffer: np.ndarray | None = None,
     ) -> tuple[object, np.ndarray | None]:
         """Run the steps ``part`` asks for, in protocol order; returns the reply part and the
-        masked vector (or None). ``values()`` supplies (float vector, int fields) when the part
-        carries a mask request. The state is saved even when a step aborts."""
+        masked vector (or None). ``values()`` supplies (float vector or tensors, int fields)
+        when the part carries a mask request; ``weight`` and ``buffer`` (its ``out``) go to
+        ``SecAggSite.mask``. The state is saved even when a step aborts."""
         from fedseg.protocol.messages import SecAggReplyPart
 
         out: dict[str, object] = {}
@@ -253,7 +258,8 @@ class SiteAgent:
                 if values is None:
                     raise SecAggAbort("the server sent a mask request with a message that has no values")
                 floats, ints = values()
-                meta, vector = self.site.mask(part.mask, floats, ints)  # type: ignore[attr-defined]
+                meta, vector = self.site.mask(part.mask, floats, ints,  # type: ignore[attr-defined]
+                                              weight=weight, out=buffer)
                 out["masked"] = meta
             adverts = []
             for rid in part.advertise:  # type: ignore[attr-defined]

@@ -77,11 +77,30 @@ class BulkUploaded(_M):
     nbytes: int
 
 
+class BulkRendezvous(_M):
+    """Server → site: a one-step mailbox for the secure-aggregation step that FOLLOWS this
+    message (the round's unmask and the next round's share keys). The site long-polls ``GET``
+    ``url`` + ``token`` until the server posts the step's :class:`SecAggStepRequest` (JSON),
+    then ``PUT``s its :class:`StepAnswer` (JSON, at most ``max_bytes``) once.
+
+    Why: that step is a Flower exchange of its own otherwise — about 1 s on loopback for a few
+    kilobytes (the SuperNode's poll, the worker's poll, the server's poll; BENCHMARKS.md), the
+    largest part of what secure aggregation added to a round. Through the rendezvous it costs
+    one HTTP answer. Same content, same checks at the site, same capability rule as the other
+    tokens; a site that does not listen (no long-lived worker) or does not answer in time is
+    sent the step as a Flower message after all, which it answers identically."""
+
+    url: str
+    token: str = Field(min_length=32)
+    max_bytes: int
+
+
 class BulkEnvelope(_M):
     version: int = BULK_VERSION
     down: BulkDownload | None = None
     up: BulkUploadSlot | None = None
     uploaded: BulkUploaded | None = None
+    step: BulkRendezvous | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

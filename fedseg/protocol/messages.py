@@ -25,6 +25,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from fedseg.privacy.secagg import (
@@ -100,6 +101,11 @@ class SecAggReplyPart(_Part):
     share_keys: ShareKeysReply | None = None
     masked: MaskedInput | None = None
     advertisements: list[KeyAdvertisement] = Field(default_factory=list)
+    listening: bool = Field(
+        default=False,
+        description="the site takes the round's next step (unmask) from the bulk rendezvous its "
+        "request named (fedseg/protocol/bulk.py: BulkRendezvous), so the server need not send "
+        "it as a Flower message")
 
 
 SECAGG_VECTOR = "secagg/vector"
@@ -268,6 +274,20 @@ class ErrorReply(Msg):
         "unmasked"
     )
     message: str
+
+
+class StepAnswer(Msg):
+    """Site → server through a bulk rendezvous: the answer to a :class:`SecAggStepRequest`,
+    exactly one of the reply (what a ``query.unmask`` reply would carry) or the error."""
+
+    reply: SecAggStepReply | None = None
+    error: ErrorReply | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StepAnswer:
+        if (self.reply is None) == (self.error is None):
+            raise ValueError("a step answer holds exactly one of 'reply' and 'error'")
+        return self
 
 
 M = TypeVar("M", bound=Msg)

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,7 @@ from fedseg.protocol.bulk import (
     URL_PATH,
     ArraySpec,
     BulkDownload,
+    BulkRendezvous,
     BulkUploaded,
     BulkUploadSlot,
     _c_order,
@@ -47,6 +49,8 @@ from fedseg.protocol.messages import ProtocolError
 
 CHUNK = 4 << 20
 SOCKET_TIMEOUT_S = 300.0  # a stalled transfer frees its thread after this
+LONG_POLL_S = 20.0  # a rendezvous GET waits this long for the request, then answers 204 (ask again)
+MAX_STEP_BYTES = 4 << 20  # a step answer (unmask + share-key replies) is kilobytes
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -57,10 +61,47 @@ class _Offer:
 
 
 @dataclass
+class _Rendezvous:
+    max_bytes: int
+    request: bytes | None = None  # posted by the server (the step's request, JSON)
+    answer: bytes | None = None  # PUT by the site, once
+
+
+@dataclass
 class _Slot:
     max_bytes: int
     state: str = "open"  # open -> receiving -> done | failed
     nbytes: int = 0
+
+
+class SpooledArray:
+    """One array of a spooled upload, read front to back in blocks into ONE reused buffer
+    (``blocks``): the server adds a 120 MB masked vector into its sum without allocating
+    (and page-faulting in) a copy of its own per site."""
+
+    def __init__(self, path: Path, offset: int, spec: ArraySpec) -> None:
+        self.path, self.offset = path, offset
+        self.dtype = np.dtype(spec.d)
+        self.shape = tuple(spec.s)
+
+    def blocks(self, size: int) -> Iterator[np.ndarray]:
+        """Consecutive flat blocks of at most ``size`` elements; each is valid until the next."""
+        n = int(np.prod(self.shape, dtype=np.int64))
+        buf = np.empty(min(size, max(n, 1)), dtype=self.dtype)
+        raw = memoryview(buf.view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < n:
+                m = min(size, n - done)
+                want, got = m * self.dtype.itemsize, 0
+                while got < want:
+                    k = f.readinto(raw[got:want])
+                    if not k:
+                        raise OSError(f"{self.path}: ends after {done * self.dtype.itemsize + got} bytes")
+                    got += k
+                yield buf[:m]
+                done += m
 
 
 class SpooledArrays(Mapping[str, np.ndarray]):
@@ -89,6 +130,11 @@ class SpooledArrays(Mapping[str, np.ndarray]):
             a = np.fromfile(f, dtype=np.dtype(s.d), count=int(np.prod(s.s, dtype=np.int64)))
         return a.reshape(s.s)
 
+    def lazy(self, key: str) -> SpooledArray:
+        """The array ``key`` as a :class:`SpooledArray` (read block by block, never whole)."""
+        off, s = self._index[key]
+        return SpooledArray(self.path, off, s)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 
@@ -105,7 +151,9 @@ class BulkServer:
         self._public_url = public_url.rstrip("/") if public_url else None
         self._offers: dict[str, _Offer] = {}
         self._slots: dict[str, _Slot] = {}
+        self._steps: dict[str, _Rendezvous] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a rendezvous was posted/answered/closed
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -131,6 +179,8 @@ class BulkServer:
         with self._lock:
             self._offers.clear()
             self._slots.clear()
+            self._steps.clear()
+            self._changed.notify_all()
         shutil.rmtree(self.spool, ignore_errors=True)
 
     @property
@@ -192,6 +242,45 @@ class BulkServer:
         self._path(token).unlink(missing_ok=True)
         self._path(token, ".part").unlink(missing_ok=True)
 
+    # ---------------------------------------------------------------- rendezvous (one step)
+    def rendezvous(self, max_bytes: int = MAX_STEP_BYTES) -> BulkRendezvous:
+        """A new mailbox for one follow-up step (``fedseg/protocol/bulk.py``: BulkRendezvous)."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._steps[token] = _Rendezvous(max_bytes=int(max_bytes))
+        return BulkRendezvous(url=self.url, token=token, max_bytes=int(max_bytes))
+
+    def post(self, token: str, request: bytes) -> bool:
+        """Hand ``request`` to the site waiting on ``token`` (once); False if it is gone."""
+        with self._lock:
+            rv = self._steps.get(token)
+            if rv is None or rv.request is not None:
+                return False
+            rv.request = bytes(request)
+            self._changed.notify_all()
+            return True
+
+    def answers(self, tokens: list[str], timeout: float) -> dict[str, bytes]:
+        """The answers to the posted ``tokens``, waiting until each has one (or is closed) or
+        ``timeout`` s have passed; what came by then."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                open_ = [t for t in tokens if t in self._steps and self._steps[t].answer is None]
+                left = deadline - time.monotonic()
+                if not open_ or left <= 0:
+                    return {t: self._steps[t].answer for t in tokens  # type: ignore[misc]
+                            if t in self._steps and self._steps[t].answer is not None}
+                self._changed.wait(left)
+
+    def close_rendezvous(self, token: str | None) -> None:
+        """Forget a mailbox: a site still waiting on it is told so (404) and stops."""
+        if token is None:
+            return
+        with self._lock:
+            if self._steps.pop(token, None) is not None:
+                self._changed.notify_all()
+
     def _path(self, token: str, suffix: str = ".bin") -> Path:
         return self.spool / f"{token}{suffix}"
 
@@ -199,6 +288,38 @@ class BulkServer:
     def _offer(self, token: str) -> _Offer | None:
         with self._lock:
             return self._offers.get(token)
+
+    def _await_request(self, token: str, timeout: float) -> tuple[bool, bytes | None]:
+        """(is a rendezvous, its request or None after ``timeout``); (False, None): unknown or
+        closed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                rv = self._steps.get(token)
+                if rv is None:
+                    return False, None
+                left = deadline - time.monotonic()
+                if rv.request is not None or left <= 0:
+                    return True, rv.request
+                self._changed.wait(left)
+
+    def _is_rendezvous(self, token: str) -> bool:
+        with self._lock:
+            return token in self._steps
+
+    def _take_answer(self, token: str, body: bytes) -> str | None:
+        """Store a site's answer; None if taken, else why not."""
+        with self._lock:
+            rv = self._steps.get(token)
+            if rv is None:
+                return "no such rendezvous (the step is over)"
+            if rv.request is None:
+                return "nothing was asked on this rendezvous yet"
+            if rv.answer is not None:
+                return "this rendezvous was answered already"
+            rv.answer = body
+            self._changed.notify_all()
+            return None
 
     def _claim(self, token: str) -> _Slot | None:
         with self._lock:
@@ -237,6 +358,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         bulk: BulkServer = self.server.bulk  # type: ignore[attr-defined]
         tok = self._token()
+        if tok and bulk._is_rendezvous(tok):
+            known, request = bulk._await_request(tok, LONG_POLL_S)
+            if not known:
+                self._answer(404, "no such rendezvous (the step is over)")
+            elif request is None:
+                self._answer(204)  # not yet: ask again
+            else:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(request)))
+                self.end_headers()
+                self.wfile.write(request)
+            return
         offer = bulk._offer(tok) if tok else None
         if offer is None:
             self._answer(404, "no such offer (expired: the round it belonged to is over)")
@@ -260,6 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(411, "Content-Length required")
             return
         n = int(length)
+        if bulk._is_rendezvous(tok):
+            self._step_answer(bulk, tok, n)
+            return
         slot = bulk._claim(tok)
         if slot is None:
             self._answer(409, "no such upload slot, or it was used already")
@@ -294,4 +431,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         slot.nbytes = n
         slot.state = "done"
+        self._answer(204)
+
+    def _step_answer(self, bulk: BulkServer, tok: str, n: int) -> None:
+        """``PUT`` of a site's answer into a rendezvous (small: read into memory)."""
+        with bulk._lock:
+            rv = bulk._steps.get(tok)
+            limit = rv.max_bytes if rv is not None else -1
+        if limit < 0:
+            self._answer(409, "no such rendezvous (the step is over)")
+            self.close_connection = True
+            return
+        if n > limit:
+            self._answer(413, f"a step answer of {n} bytes exceeds the rendezvous' {limit}")
+            self.close_connection = True
+            return
+        body = self.rfile.read(n)
+        if len(body) != n:
+            self._answer(400, "the answer stopped early")
+            self.close_connection = True
+            return
+        why = bulk._take_answer(tok, body)
+        if why is not None:
+            self._answer(409, why)
+            return
         self._answer(204)

@@ -537,16 +537,7 @@ class FederatedJob:
                 self.log(f"round {rnd}: site '{name}' dropped: {err}")
             self.run.log(rec)
 
-        try:
-            replied = self._exchange(nodes, pm.TRAIN, box.content_for(lambda _: req),
-                                     cfg.round_timeout_s, take, after_push=box.pushed)
-        finally:
-            box.close()
-        for nid in nodes:
-            if nid not in replied:
-                take(nid, None)
-        if evals:
-            self._log_eval(rnd - 1, sorted(evals, key=lambda e: e[0]))
+        self._train_exchange(rnd, nodes, box, box.content_for(lambda _: req), take, evals)
         pooled: dict[str, Any] = {"phase": "train", "round": rnd, "site": "pooled",
                                   "sites_ok": acc.count, "sites_asked": len(nodes)}
         if acc.count < cfg.min_sites:
@@ -564,6 +555,24 @@ class FederatedJob:
         )
         self.run.log(pooled)
         return pooled
+
+    def _train_exchange(self, rnd: int, nodes: list[int], box: Outbox,
+                        content_for: Callable[[int], Any],
+                        take: Callable[[int, Message | None], None],
+                        evals: list[tuple[str, pm.EvalReply]]) -> None:
+        """A round's TRAIN exchange (plain or secure): each reply to ``take`` as it arrives,
+        then ``take(nid, None)`` for each site that did not reply in time; the model's offer is
+        withdrawn; the evaluations of the previous round's model that rode on it are logged."""
+        try:
+            replied = self._exchange(nodes, pm.TRAIN, content_for, self.cfg.round_timeout_s,
+                                     take, after_push=box.pushed)
+        finally:
+            box.close()
+        for nid in nodes:
+            if nid not in replied:
+                take(nid, None)
+        if evals:
+            self._log_eval(rnd - 1, sorted(evals, key=lambda e: e[0]))
 
     def _log_eval(self, after_round: int, evals: list[tuple[str, pm.EvalReply]]) -> float:
         """Log per-site and pooled (case-weighted) Dice/HD95; returns pooled mean Dice."""

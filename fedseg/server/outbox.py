@@ -21,7 +21,13 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from fedseg.protocol import messages as pm
-from fedseg.protocol.bulk import BulkEnvelope, BulkUploadSlot, get_envelope, put_envelope
+from fedseg.protocol.bulk import (
+    BulkEnvelope,
+    BulkRendezvous,
+    BulkUploadSlot,
+    get_envelope,
+    put_envelope,
+)
 from fedseg.protocol.records import array_record, pack, unpack
 from fedseg.server.bulk_server import BulkServer
 
@@ -37,15 +43,17 @@ class Outbox:
         self._record = array_record(dict(arrays)) if bulk is None and arrays is not None else None
         self._slots: dict[int, BulkUploadSlot] = {}
 
-    def content(self, nid: int, msg: pm.Msg) -> RecordDict:
+    def content(self, nid: int, msg: pm.Msg, step: BulkRendezvous | None = None) -> RecordDict:
+        """``step``: a rendezvous for the step that follows this message (secure rounds'
+        unmask), named in the envelope; only with the ``http`` transport."""
         if self.bulk is None:
             return pack(msg, record=self._record)
         rd = pack(msg)
         up = None
         if self.upload_bytes is not None:
             up = self._slots[nid] = self.bulk.slot(self.upload_bytes)
-        if self._down is not None or up is not None:
-            put_envelope(rd, BulkEnvelope(down=self._down, up=up))
+        if self._down is not None or up is not None or step is not None:
+            put_envelope(rd, BulkEnvelope(down=self._down, up=up, step=step))
         return rd
 
     def content_for(self, msg_for: Callable[[int], pm.Msg]) -> Callable[[int], RecordDict]:

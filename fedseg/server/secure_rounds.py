@@ -11,12 +11,18 @@ anyway, as ``fedseg/privacy/secagg.py`` describes:
     UNMASK [+]       → UnmaskRequest(FP)                   reply: UnmaskReply(FP)
     PREPARE          → plan, ShareKeysRequest(T1)          reply: ShareKeysReply(T1)
     TRAIN_r          → weights, MaskRequest(Tr), adv(Tr+1) reply: masked update, adv(Tr+1)
-    UNMASK_r [+]     → UnmaskRequest(Tr), ShareKeys(Tr+1)  reply: UnmaskReply(Tr), ShareKeysReply(Tr+1)
+    UNMASK_r (bulk)  → UnmaskRequest(Tr), ShareKeys(Tr+1)  reply: UnmaskReply(Tr), ShareKeysReply(Tr+1)
     EVALUATE         (per-site metrics: as without SecAgg; else setup [+][+], masked, unmask [+])
 
-so a training round costs exactly one extra exchange. When the round's keys were not set up in
-advance — the first round after a resume, a site that joined or came back, a retried round —
-the round first runs the two set-up exchanges (advertise, share keys) with a FRESH round id.
+UNMASK_r goes through each site's bulk rendezvous (``fedseg/protocol/bulk.py``:
+BulkRendezvous) when the job moves arrays over HTTP (``bulk_transport = "http"``, the default)
+and the site said in its TRAIN reply that it listens (its ClientApp runs in fedseg's long-lived
+site worker): the server posts the request, the site's listener thread answers it, no Flower
+exchange — so a training round is ONE exchange, as without secure aggregation. A site that does
+not listen, or does not answer within ``FAST_STEP_WAIT_S``, gets UNMASK_r as a Flower message
+[+] (one extra exchange, the only one). When the round's keys were not set up in advance — the
+first round after a resume, a site that joined or came back, a retried round — the round first
+runs the two set-up exchanges (advertise, share keys) with a FRESH round id.
 
 Round ids are ``<Flower run id>/<job id>/<kind><round>/<attempt>``: the sites check the run-id
 prefix and never reuse an id, and the attempt counter is new for every set-up, so a retried or
@@ -49,6 +55,7 @@ from flwr.app import Message
 from fedseg.errors import FedsegError
 from fedseg.privacy import aggregates as agg
 from fedseg.privacy import exact_sum
+from fedseg.privacy.buffers import BufferPool
 from fedseg.privacy.keys import SecAggAbort
 from fedseg.privacy.secagg import (
     AggregateResult,
@@ -60,6 +67,7 @@ from fedseg.privacy.secagg import (
     ShareKeysRequest,
 )
 from fedseg.protocol import messages as pm
+from fedseg.protocol.bulk import BulkRendezvous
 from fedseg.protocol.records import pack, payload_bytes, unpack
 from fedseg.server.rundir import memory_mb
 
@@ -68,6 +76,7 @@ if TYPE_CHECKING:
     from fedseg.server.outbox import Outbox
 
 SETUP_TIMEOUT_S = 600.0
+FAST_STEP_WAIT_S = 20.0  # rendezvous answers are awaited this long, then sent by Flower instead
 
 
 @dataclass
@@ -101,6 +110,7 @@ class SecureAggregation:
         self._attempt = 0
         self.aggs: dict[str, _Agg] = {}
         self.next_train: dict[int, str] = {}  # round -> round id advertised in advance
+        self.pool = BufferPool(keep=2)  # the running sums' buffers, reused round after round
 
     # ---- bookkeeping
     def new_round(self, kind: str, rnd: int) -> str:
@@ -125,7 +135,7 @@ class SecureAggregation:
         a = self.aggs[rid]
         if a.share_req is None:
             a.layout = layout
-            a.server = SecAggServer(self.config, rid, layout[0], layout[1])
+            a.server = SecAggServer(self.config, rid, layout[0], layout[1], pool=self.pool)
             a.share_req = a.server.advertisements(a.adverts[s] for s in sorted(a.adverts))
         return a.share_req
 
@@ -158,6 +168,12 @@ def _reply_part(job: FederatedJob, nid: int, r: Message | None, model: type,
     except pm.ProtocolError as perr:
         return None, {}, str(perr)
     return rep, arrays, None
+
+
+def _vector(arrays: Any) -> Any:
+    """The masked vector of a reply: read block by block from the spool file when it came as a
+    bulk upload (``SpooledArrays.lazy``), else the array itself."""
+    return arrays.lazy(pm.SECAGG_VECTOR) if hasattr(arrays, "lazy") else arrays[pm.SECAGG_VECTOR]
 
 
 def _event(job: FederatedJob, **rec: Any) -> None:
@@ -208,30 +224,56 @@ def setup(job: FederatedJob, rid: str, nodes: list[int], layout: tuple[int, dict
 
 
 def unmask(job: FederatedJob, rid: str, nodes: list[int],
-           next_share: tuple[str, ShareKeysRequest] | None = None) -> AggregateResult:
-    """The UNMASK exchange (carrying the next aggregation's share keys); returns the sums."""
+           next_share: tuple[str, ShareKeysRequest] | None = None,
+           steps: dict[int, BulkRendezvous] | None = None) -> AggregateResult:
+    """The UNMASK step (carrying the next aggregation's share keys); returns the sums.
+
+    ``steps``: the sites that listen on a bulk rendezvous for it (their TRAIN reply said so):
+    they get the request there and answer within ``FAST_STEP_WAIT_S`` (no Flower exchange; why:
+    ``fedseg/protocol/bulk.py``, BulkRendezvous). The others, and a listener that did not answer
+    in time (its worker restarted, say), get it as a Flower message — the same request, which a
+    site answers identically however often it comes. ``job._secagg_unmask_exchanges`` says
+    whether a Flower exchange was needed (0 or 1)."""
     sec: SecureAggregation = job.secure
     a = sec.aggs[rid]
     assert a.server is not None
     ureq = a.server.unmask_request()
     survivors = set(ureq.survivors)
-    targets = [n for n in nodes if job._name(n) in survivors
-               or (next_share and job._name(n) in {x.site for x in next_share[1].advertisements})]
+    sharers = {x.site for x in next_share[1].advertisements} if next_share else set()
+    targets = [n for n in nodes if job._name(n) in survivors or job._name(n) in sharers]
 
-    def content(nid: int):
+    def request(nid: int) -> pm.SecAggStepRequest:
         name = job._name(nid)
-        return pack(pm.SecAggStepRequest(secagg=sec.part(
+        return pm.SecAggStepRequest(secagg=sec.part(
             unmask=ureq if name in survivors else None,
-            share_keys=next_share[1] if next_share and any(
-                x.site == name for x in next_share[1].advertisements) else None)))
+            share_keys=next_share[1] if next_share and name in sharers else None))
 
-    replies = job._send(targets, pm.UNMASK, content, timeout=SETUP_TIMEOUT_S)
+    answered: dict[int, tuple[pm.SecAggStepReply | None, str | None]] = {}
+    fast = {nid: rv for nid, rv in (steps or {}).items() if nid in targets}
+    if fast and job.bulk is not None:
+        posted = {nid: rv for nid, rv in fast.items()
+                  if job.bulk.post(rv.token, request(nid).model_dump_json().encode())}
+        got = job.bulk.answers([rv.token for rv in posted.values()], FAST_STEP_WAIT_S)
+        for nid, rv in posted.items():
+            if rv.token in got:
+                answered[nid] = _step_answer(got[rv.token])
+    rest = [n for n in targets if n not in answered]
+    job._secagg_unmask_exchanges = 1 if rest else 0
+    if rest:
+        replies = job._send(rest, pm.UNMASK, lambda nid: pack(request(nid)),
+                            timeout=SETUP_TIMEOUT_S)
+        for nid in rest:
+            rep, _, err = _reply_part(job, nid, replies.get(nid), pm.SecAggStepReply)
+            answered[nid] = (rep, err)
     unmask_replies, share_replies = [], []
     for nid in targets:
-        rep, _, err = _reply_part(job, nid, replies.get(nid), pm.SecAggStepReply)
+        rep, err = answered[nid]
+        name = job._name(nid)
+        if err is None and any(x is not None and x.site != name for x in (
+                rep.secagg.unmask, rep.secagg.share_keys)):
+            err = "answered in another site's name"
         if err is not None:
-            _event(job, step="unmask", round_id=rid, site=job._name(nid), status="dropped",
-                   reason=err)
+            _event(job, step="unmask", round_id=rid, site=name, status="dropped", reason=err)
             continue
         if rep.secagg.unmask is not None:
             unmask_replies.append(rep.secagg.unmask)
@@ -249,8 +291,20 @@ def unmask(job: FederatedJob, rid: str, nodes: list[int],
         sec.drop(rid)
     _event(job, step="unmask", round_id=rid, status="ok", survivors=res.survivors,
            dropped=res.dropped, recovered=bool(res.dropped), excluded=res.excluded,
-           num_clipped=res.num_clipped)
+           num_clipped=res.num_clipped, via_rendezvous=len(targets) - len(rest),
+           via_flower=len(rest))
     return res
+
+
+def _step_answer(body: bytes) -> tuple[pm.SecAggStepReply | None, str | None]:
+    """(reply, None) or (None, why) from a rendezvous answer (``pm.StepAnswer`` JSON)."""
+    try:
+        ans = pm.StepAnswer.model_validate_json(body)
+    except ValueError as err:
+        return None, f"its step answer does not validate: {' '.join(str(err).split())[:300]}"
+    if ans.error is not None:
+        return None, f"{ans.error.kind} error at the site: {ans.error.message}"
+    return ans.reply, None
 
 
 # ---- fingerprint -------------------------------------------------------------------------
@@ -356,7 +410,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
     names = [job._name(n) for n in nodes]
     asked = list(nodes)
     rid = sec.next_train.pop(rnd, None)
-    exchanges = 2  # TRAIN + UNMASK
+    exchanges = 1  # TRAIN; + UNMASK when it went by Flower (unmask())
     if not sec.ready(rid, names, layout):
         sec.drop(rid)
         rid = sec.new_round("train", rnd)
@@ -399,10 +453,14 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             per_site_metrics=cfg.per_site_metrics,
             eval_classes=classes if len(layout[1]) > 2 else [], dp=dp,
         )
-        return box.content(nid, req)
+        if job.bulk is not None:  # the unmask step can come through the bulk server
+            steps[nid] = job.bulk.rendezvous()
+        return box.content(nid, req, step=steps.get(nid))
 
     box = job.outbox(job.state.weights, upload=True)  # the model once for every site
     evals: list[tuple[str, pm.EvalReply]] = []
+    steps: dict[int, BulkRendezvous] = {}  # node -> its rendezvous for this round's unmask
+    listening: set[int] = set()  # nodes whose reply says they wait on it
 
     def take(nid: int, r: Message | None) -> None:
         """Fold one masked upload into the running sum as it arrives (then it is dropped)."""
@@ -414,7 +472,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             rec["bytes_received"] = payload_bytes(r.content)
             if rep.secagg is None or rep.secagg.masked is None or pm.SECAGG_VECTOR not in arrays:
                 err = "no masked update in the reply"
-            elif not a.server.add_masked(rep.secagg.masked, arrays[pm.SECAGG_VECTOR]):
+            elif not a.server.add_masked(rep.secagg.masked, _vector(arrays)):
                 err = a.server.excluded.get(name, "masked upload refused")
             box.done(nid)
             if err is not None:
@@ -426,6 +484,8 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
                        it_per_s=rep.iterations_per_s)
             if rep.evaluation is not None:
                 evals.append((name, rep.evaluation))
+            if rep.secagg.listening:
+                listening.add(nid)
             if next_rid:
                 sec.take_adverts(next_rid, name, rep.secagg)
         else:
@@ -435,38 +495,39 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
         job.run.log(rec)
 
     try:
-        replied = job._exchange(nodes, pm.TRAIN, content, cfg.round_timeout_s, take,
-                                after_push=box.pushed)
-    finally:
-        box.close()
-    for nid in nodes:
-        if nid not in replied:
-            take(nid, None)
-    if evals:
-        job._log_eval(rnd - 1, sorted(evals, key=lambda e: e[0]))
-    ok = len(a.server._peers)
-    pooled["sites_ok"] = ok
-    if ok < need:
-        sec.drop(rid)
-        return fail(f"{ok} masked update(s), need {need} (min_sites={cfg.min_sites}, "
-                    f"secure-aggregation threshold {sec.config.threshold}); nothing was unmasked")
-    next_share = prepare_share(job, rnd + 1) if next_rid else None
-    try:
-        res = unmask(job, rid, nodes, next_share)
-    except SecAggAbort as err:
-        _event(job, step="unmask", round_id=rid, status="aborted", reason=str(err))
-        return fail(f"unmasking failed: {err}")
+        job._train_exchange(rnd, nodes, box, content, take, evals)
+        ok = len(a.server._peers)
+        pooled["sites_ok"] = ok
+        if ok < need:
+            sec.drop(rid)
+            return fail(f"{ok} masked update(s), need {need} (min_sites={cfg.min_sites}, "
+                        f"secure-aggregation threshold {sec.config.threshold}); nothing was unmasked")
+        next_share = prepare_share(job, rnd + 1) if next_rid else None
+        try:
+            res = unmask(job, rid, nodes, next_share,
+                         {nid: rv for nid, rv in steps.items() if nid in listening})
+        except SecAggAbort as err:
+            _event(job, step="unmask", round_id=rid, status="aborted", reason=str(err))
+            return fail(f"unmasking failed: {err}")
+        exchanges += job._secagg_unmask_exchanges
+    finally:  # a site still waiting on its rendezvous is told the step is over
+        for rv in steps.values():
+            job.bulk.close_rendezvous(rv.token)  # type: ignore[union-attr]
     if dp is not None:  # the noised sum is out: account it even if it is not applied below
         pooled.update(priv.release(dp.n_sites, len(res.survivors)))
     n_total = res.num_samples
     if n_total <= 0:
+        res.release()
         return fail("the summed case count is 0")
     # DP: unweighted mean of the clipped, noised deltas (why: fedseg/privacy/dp.py, Weighting)
-    mean_flat = res.float_sum  # scaled in place: no second full-size vector
-    mean_flat *= (1.0 / len(res.survivors)) if dp is not None else (scale / n_total)
-    if not math.isfinite(float(mean_flat.sum())):
-        return fail("the unmasked sum is not finite; not applied")
-    mean_delta = {k: v.astype(np.float32) for k, v in agg.unflatten(mean_flat, shapes(job)).items()}
+    factor = (1.0 / len(res.survivors)) if dp is not None else (scale / n_total)
+    if not math.isfinite(factor):
+        res.release()
+        return fail("the mean's scale factor is not finite; not applied")
+    # straight from the ring sum into float32 tensors: no float64 copy of the whole vector
+    sh = shapes(job)
+    mean_delta = res.mean_parts(factor, [(k, sh[k]) for k in sorted(sh)])
+    res.release()
     job.state.weights = job.opt.step(job.state.weights, mean_delta)
     if len(layout[1]) > 2:
         pe = agg.pooled_eval(res.ints, classes)
