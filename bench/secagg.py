@@ -4,12 +4,13 @@ on the same workload as ``bench/federation.py``, in the same run, on loopback.
     .venv/bin/python bench/secagg.py --json bench/results/secagg.json
 
 For each (parameters, sites): fedseg with secure aggregation (SecAgg with signed per-round keys,
-AES-CTR masks, Shamir-shared seeds; the masked case-weighted update; 2 exchanges per round) and
-fedseg plain (1 exchange), both with the same demo data, widened U-Net and one local iteration
-per round (``bench/fedseg_run.py``); Flower's SecAgg+ (legacy API, clients return the model plus
-noise: ``bench/flower_baseline.py --secagg``) where ``--flower-secagg`` asks for it (default:
-30M x 5, the figure the issue quotes; it needs ~3 min per round and ~20 GB there). Medians over
-rounds 2..R; peak RSS of the server (SuperLink + ServerApp trees) and of all sites.
+AES-CTR masks, Shamir-shared seeds; the masked case-weighted update; one Flower exchange per
+round, the unmask step through the bulk rendezvous) and fedseg plain (1 exchange), both with
+the same demo data, widened U-Net and one local iteration per round (``bench/fedseg_run.py``);
+Flower's SecAgg+ (legacy API, clients return the model plus noise:
+``bench/flower_baseline.py --secagg``) where ``--flower-secagg`` asks for it (default: 30M x 5,
+the figure the issue quotes; it needs ~2-3 min per round and ~20 GB there). Medians over rounds
+2..R; peak RSS of the server (SuperLink + ServerApp trees) and of all sites.
 
 Sites share site worker processes above 6 sites (``bench/fedseg_run.py``: at most 6 workers,
 each ~0.8 GB with torch and MONAI loaded; ``--sites-per-worker`` overrides), so 1M x 30 fits a
