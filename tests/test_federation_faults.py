@@ -86,8 +86,10 @@ def _pgrep(pattern: str) -> str:
 def test_site_killed_mid_round_rejoins_and_nan_update_is_rejected(tmp_path: Path) -> None:
     sites = make_demo_data(tmp_path / "demo-data", sites=3, seed=0)
     run_dir = tmp_path / "run"
+    # 30 local iterations: a round takes ~5 s, so the kill below lands inside round 2 (with 10,
+    # a secure round in one exchange took 2-3 s and could end first)
     job = JobConfig(run_dir=str(run_dir), job_id="faults", min_sites=2, rounds=4,
-                    local_iterations=10, plan_preset="tiny", eval_every=2, enrol_timeout_s=300,
+                    local_iterations=30, plan_preset="tiny", eval_every=2, enrol_timeout_s=300,
                     round_timeout_s=240, site_wait_s=120)
     run = RunDir(run_dir)
     t_kill = t_round_done = 0.0
@@ -101,7 +103,7 @@ def test_site_killed_mid_round_rejoins_and_nan_update_is_rejected(tmp_path: Path
         # round 2 has been sent: kill siteC (SuperNode + ClientApp) while the sites train
         _wait(lambda: run.status().get("phase") == "training" and run.status().get("round") == 2,
               600, "round 2", lambda: json.dumps(run.status()))
-        time.sleep(3)
+        time.sleep(1)
         fed.kill_site("siteC")
         t_kill = time.monotonic()
         time.sleep(2)
@@ -155,7 +157,7 @@ run_dir = "run"
 job_id = "resume-test"
 min_sites = 3
 rounds = 4
-local_iterations = 10
+local_iterations = 30
 eval_every = 2
 plan_preset = "tiny"
 roster = "pki/roster.json"
@@ -247,7 +249,9 @@ def test_server_crash_then_resume_with_real_clis(tmp_path: Path) -> None:
             return st.get("phase") == "training" and st.get("round") == 3
 
         _wait(round3_started, 600, "round 3", lambda: procs.out("server"))
-        time.sleep(3)
+        # into the round, with its messages out; a round here takes ~5 s (30 local iterations;
+        # with 10 a secure round took 2-3 s and could end before the kill)
+        time.sleep(1)
         plan_before = (run_dir / "plan.json").read_text()
         victims = descendants(server.pid) | {server.pid}
         names = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, victims))],
@@ -287,10 +291,10 @@ def test_server_crash_then_resume_with_real_clis(tmp_path: Path) -> None:
             cache = tmp_path / "cache" / d.name
             # one preprocessed cache, keyed by the plan's hash, reused after the resume
             assert [p.name for p in (cache / "preprocessed").iterdir()] == [plan_hash]
-            # trainer state (job id + plan hash) continued: >= 4 rounds x 10 iterations
+            # trainer state (job id + plan hash) continued: >= 4 rounds x 30 iterations
             state = torch.load(cache / "state" / "resume-test" / plan_hash / "checkpoint.pt",
                                map_location="cpu", weights_only=True)
-            assert state["iteration"] >= 40, (d.name, state["iteration"])
+            assert state["iteration"] >= 120, (d.name, state["iteration"])
         assert (run_dir / "model" / "model.pt").is_file()
         print(f"resume to the end: {resume_s:.0f} s")
     finally:
