@@ -487,10 +487,10 @@ def test_fused_quantise_and_mask_is_bit_identical_to_the_unfused_way():
     assert np.array_equal(out, want)
     flat = np.concatenate([p.reshape(-1).astype(np.float64) * weight for p in parts])
     assert clipped == int(np.count_nonzero(np.abs(flat) > clip)) > 0
-    # the single-vector form and no masks agree too
+    # the single-vector form, without weight and masks, agrees too
     one = np.empty(total, np.uint32)
-    masking.quantize_into(flat / weight, one, clip, n, weight)
-    assert np.array_equal(one, _reference_masked([flat / weight], weight, clip, n, []))
+    masking.quantize_into(flat, one, clip, n)
+    assert np.array_equal(one, _reference_masked([flat], 1.0, clip, n, []))
     with pytest.raises(ValueError, match="NaN"):
         masking.quantize_parts_into([np.array([0.0, np.nan])], np.empty(2, np.uint32), clip, n)
     with pytest.raises(ValueError, match="1-D uint32 array of 3"):

@@ -314,8 +314,8 @@ def test_a_silent_listener_gets_the_step_by_flower(pki: Path, tmp_path: Path, bu
     monkeypatch.setitem(secure._BACKGROUND, "on", True)
     monkeypatch.setattr(sr, "FAST_STEP_WAIT_S", 0.5)
     real_listen = secure.listen_for_step
-    monkeypatch.setattr(secure, "listen_for_step",
-                        lambda msg, cfg: None if cfg.site == "siteC" else real_listen(msg, cfg))
+    monkeypatch.setattr(secure, "listen_for_step", lambda rv, run_id, cfg: (
+        None if cfg.site == "siteC" else real_listen(rv, run_id, cfg)))
     shapes = {"w": (3, 4), "b": (4,)}
     cases = {"siteA": 8, "siteB": 20, "siteC": 3}
     job = _in_process_job(pki, tmp_path, "job-rv2", shapes, cases, 2, bulk=bulk_server)

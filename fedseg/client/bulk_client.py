@@ -159,7 +159,6 @@ class BulkEndpoint:
         _report("PUT", n, t0)
         return BulkUploaded(token=slot.token, layout=layout, nbytes=n)
 
-
     def await_step(self, rv: BulkRendezvous, deadline: float) -> bytes | None:
         """The step request posted on ``rv`` (long polls until ``deadline``, a ``time.monotonic``
         value); None when the server closed it (the step went another way, or is over) or the

@@ -33,7 +33,7 @@ from fedseg.privacy.buffers import BufferPool
 from fedseg.privacy.dp import DPConfig, privatize
 from fedseg.privacy.site_agent import SiteAgent, check_local_update, state_path
 from fedseg.protocol import messages as pm
-from fedseg.protocol.bulk import get_envelope
+from fedseg.protocol.bulk import BulkRendezvous, get_envelope
 from fedseg.protocol.records import pack, unpack
 
 _UPLOAD_BUFFERS = BufferPool(keep=1)  # the masked vector's buffer, kept between rounds
@@ -100,20 +100,11 @@ def enable_background_steps() -> None:
     _BACKGROUND["on"] = True
 
 
-def will_listen(msg: Message) -> bool:
-    env = get_envelope(msg.content)
-    return _BACKGROUND["on"] and env is not None and env.step is not None
-
-
-def listen_for_step(msg: Message, cfg: SiteLike) -> threading.Thread | None:
-    """Start the thread that waits on the request's rendezvous for the follow-up step (the
-    round's unmask, the next round's share keys) and answers it exactly as the ``query.unmask``
-    handler would; errors are answered as the handler's ``ErrorReply``. Returns the thread."""
-    env = get_envelope(msg.content)
-    if not will_listen(msg):
-        return None
-    assert env is not None and env.step is not None
-    rv, run_id = env.step, _run_id(msg)
+def listen_for_step(rv: BulkRendezvous, run_id: int, cfg: SiteLike) -> threading.Thread:
+    """Start the thread that waits on ``rv`` (the TRAIN request's rendezvous) for the follow-up
+    step (the round's unmask, the next round's share keys) and answers it exactly as the
+    ``query.unmask`` handler would; errors are answered as the handler's ``ErrorReply``.
+    Returns the thread."""
     from fedseg.client.bulk_client import endpoint_of
 
     endpoint = endpoint_of(cfg.node_config)
@@ -225,7 +216,7 @@ def train_reply(
     # next round (fedseg/privacy/buffers.py); inside a Flower reply it cannot
     env = get_envelope(msg.content)
     mreq = req.secagg.mask
-    buf = (_UPLOAD_BUFFERS.take(mreq.float_length + sum(mreq.int_fields.values()) + 1)
+    buf = (_UPLOAD_BUFFERS.take(mreq.vector_length)
            if env is not None and env.up is not None and mreq is not None else None)
     try:
         with agent(_run_id(msg), cfg, req.secagg) as ag:
@@ -247,8 +238,9 @@ def train_reply(
                 return delta, ints
 
             reply, vec = ag.process(req.secagg, values, weight=weight, buffer=buf)
-        listening = will_listen(msg) and vec is not None
-        if listening:
+        # a long-lived worker takes the unmask step from the rendezvous (listen_for_step)
+        step = env.step if env is not None and _BACKGROUND["on"] and vec is not None else None
+        if step is not None:
             reply = reply.model_copy(update={"listening": True})
         shown = evaluation if req.per_site_metrics else None
         rep = pm.TrainReply(site=cfg.site, iterations=iterations, seconds=seconds,
@@ -257,8 +249,8 @@ def train_reply(
         content = reply_content(msg, rep, arrays, endpoint_of(cfg.node_config))
     finally:
         _UPLOAD_BUFFERS.give(buf)
-    if listening:  # the upload is with the server: wait for its unmask request
-        listen_for_step(msg, cfg)
+    if step is not None:  # the upload is with the server: wait for its unmask request
+        listen_for_step(step, _run_id(msg), cfg)
     return Message(content, reply_to=msg)
 
 

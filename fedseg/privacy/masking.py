@@ -57,14 +57,12 @@ def int_field_max(num_sites: int) -> int:
     return (2**32 - 1) // num_sites
 
 
-def quantize_into(values: np.ndarray, out: np.ndarray, clip: float, num_sites: int,
-                  weight: float = 1.0, masks: MaskStreams | None = None) -> int:
-    """Clip ``weight · values`` to [-clip, clip], write their fixed-point ring form into ``out``
-    (uint32, same length); returns how many values were clipped. Non-finite values raise
-    ValueError. ``masks``: added to each block as it is written (see :func:`quantize_parts_into`)."""
+def quantize_into(values: np.ndarray, out: np.ndarray, clip: float, num_sites: int) -> int:
+    """Clip ``values`` to [-clip, clip], write their fixed-point ring form into ``out`` (uint32,
+    same length); returns how many values were clipped. Non-finite values raise ValueError."""
     if values.ndim != 1 or out.shape != values.shape or out.dtype != np.uint32:
         raise ValueError("quantize_into: values must be 1-D and out a uint32 array of the same length")
-    return quantize_parts_into([values], out, clip, num_sites, weight, masks)
+    return quantize_parts_into([values], out, clip, num_sites)
 
 
 def quantize_parts_into(parts: Sequence[np.ndarray], out: np.ndarray, clip: float, num_sites: int,

@@ -275,6 +275,11 @@ class MaskRequest(_Msg):
     def _fields(cls, v: dict[str, int]) -> dict[str, int]:
         return _check_int_fields(v)
 
+    @property
+    def vector_length(self) -> int:
+        """Length of the masked upload: floats, int fields, the clip count."""
+        return self.float_length + sum(self.int_fields.values()) + 1
+
 
 class MaskedInput(_Msg):
     """Step 2, site → server; the uint32 vector travels next to it (ArrayRecord). Layout:
@@ -579,7 +584,7 @@ class SecAggSite:
             raise ValueError(f"values have {n_values} elements, the round expects {req.float_length}")
         int_vals = self._int_block(req.int_fields, ints)
         L = req.float_length
-        size = L + int_vals.shape[0] + 1
+        size = req.vector_length
         if out is None:
             out = np.empty(size, dtype=np.uint32)
         elif out.dtype != np.uint32 or out.shape != (size,):

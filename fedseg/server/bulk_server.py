@@ -303,9 +303,11 @@ class BulkServer:
                     return True, rv.request
                 self._changed.wait(left)
 
-    def _is_rendezvous(self, token: str) -> bool:
+    def _step_limit(self, token: str) -> int | None:
+        """The answer size limit of rendezvous ``token``; None if there is no such rendezvous."""
         with self._lock:
-            return token in self._steps
+            rv = self._steps.get(token)
+            return rv.max_bytes if rv is not None else None
 
     def _take_answer(self, token: str, body: bytes) -> str | None:
         """Store a site's answer; None if taken, else why not."""
@@ -358,11 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         bulk: BulkServer = self.server.bulk  # type: ignore[attr-defined]
         tok = self._token()
-        if tok and bulk._is_rendezvous(tok):
-            known, request = bulk._await_request(tok, LONG_POLL_S)
-            if not known:
-                self._answer(404, "no such rendezvous (the step is over)")
-            elif request is None:
+        known, request = bulk._await_request(tok, LONG_POLL_S) if tok else (False, None)
+        if known:
+            if request is None:
                 self._answer(204)  # not yet: ask again
             else:
                 self.send_response(200)
@@ -394,8 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(411, "Content-Length required")
             return
         n = int(length)
-        if bulk._is_rendezvous(tok):
-            self._step_answer(bulk, tok, n)
+        limit = bulk._step_limit(tok)
+        if limit is not None:
+            self._step_answer(bulk, tok, n, limit)
             return
         slot = bulk._claim(tok)
         if slot is None:
@@ -433,15 +434,9 @@ class _Handler(BaseHTTPRequestHandler):
         slot.state = "done"
         self._answer(204)
 
-    def _step_answer(self, bulk: BulkServer, tok: str, n: int) -> None:
-        """``PUT`` of a site's answer into a rendezvous (small: read into memory)."""
-        with bulk._lock:
-            rv = bulk._steps.get(tok)
-            limit = rv.max_bytes if rv is not None else -1
-        if limit < 0:
-            self._answer(409, "no such rendezvous (the step is over)")
-            self.close_connection = True
-            return
+    def _step_answer(self, bulk: BulkServer, tok: str, n: int, limit: int) -> None:
+        """``PUT`` of a site's answer (at most ``limit`` bytes) into a rendezvous (small: read
+        into memory; one closed meanwhile is refused by ``_take_answer``)."""
         if n > limit:
             self._answer(413, f"a step answer of {n} bytes exceeds the rendezvous' {limit}")
             self.close_connection = True
