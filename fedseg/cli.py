@@ -60,10 +60,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from fedseg.training.trainer import TrainConfig, train_local
 
-    cfg = TrainConfig(device=args.device, seed=args.seed, batch_size=args.batch_size or None)
+    lr = {} if args.lr is None else {"initial_lr": args.lr}
+    cfg = TrainConfig(device=args.device, seed=args.seed, batch_size=args.batch_size or None, **lr)
     res = train_local(
         data_dir=Path(args.data), plan_path=Path(args.plan), iterations=args.iterations,
         out_dir=Path(args.out), cache_root=Path(args.cache) if args.cache else None, config=cfg,
+        init_from=Path(args.init_from) if args.init_from else None,
+        snapshot_every=args.snapshot_every,
     )
     print(f"model bundle written to {args.out} (last loss {res.loss:.4f}, "
           f"{res.iterations_per_s:.2f} it/s)")
@@ -91,15 +94,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedseg.simulate import simulate
+    from fedseg.simulate import job_overrides, simulate
 
     extra = {"aggregation": {"kind": args.aggregation}, "eval_every": args.eval_every,
              "secure_aggregation": args.secure_aggregation == "on",
              "per_site_metrics": args.per_site_metrics == "on"}
     if args.aggregation == "fedprox":
         extra["proximal_mu"] = args.mu
+    if args.job_config:
+        extra.update(job_overrides(Path(args.job_config)))
     simulate(
-        Path(args.out), sites=args.sites, data=Path(args.data) if args.data else None,
+        Path(args.out), sites=args.sites or (None if args.data else 3),
+        data=Path(args.data) if args.data else None,
         rounds=args.rounds, local_iterations=args.local_iterations, preset=args.preset,
         seed=args.seed, device=args.device, timeout=args.timeout, extra=extra,
         sites_per_worker=args.sites_per_worker,
@@ -168,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=0, help="override the plan's batch size")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="start from this bundle's weights (e.g. fine-tune a federated model on "
+                   "this site; --plan must be the bundle's plan.json)")
+    s.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate of the poly schedule (default nnU-Net's 0.01)")
+    s.add_argument("--snapshot-every", type=_positive_int, default=None, metavar="N",
+                   help="also write a bundle every N iterations to OUT/snapshots/ (curves)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("predict", help="segment NIfTI volumes with a model bundle")
@@ -186,12 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("simulate", help="run the whole federation on this machine (loopback)")
-    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--sites", type=_positive_int, default=None,
+                   help="number of sites (default: 3 demo sites, or every site folder of --data)")
     s.add_argument("--data", help="folder of site datasets (default: generate the demo data)")
-    s.add_argument("--rounds", type=int, default=3)
-    s.add_argument("--local-iterations", type=int, default=50, help="k iterations per round")
-    s.add_argument("--eval-every", type=int, default=1)
-    s.add_argument("--aggregation", choices=["fedavg", "fedprox", "fedadam", "fedyogi"],
+    # the demo's budget (CPU, tiny preset): 18 x 50 iterations per site, ~3 min on 2 cores; a
+    # consortium's job defaults (server.toml) are nnU-Net's 1000 x 250
+    s.add_argument("--rounds", type=_positive_int, default=18)
+    s.add_argument("--local-iterations", type=_positive_int, default=50,
+                   help="k iterations per site per round")
+    s.add_argument("--eval-every", type=_positive_int, default=6,
+                   help="evaluate the global model every E rounds (and after the last)")
+    s.add_argument("--aggregation", choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"],
                    default="fedavg")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx mu")
     s.add_argument("--preset", choices=["auto", "nnunet", "tiny"], default="auto",
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-site-metrics", choices=["on", "off"], default="on",
                    help="off: the sites' evaluation metrics go into the secure sum too "
                         "(only pooled Dice/HD95 are logged)")
+    s.add_argument("--job-config", metavar="TOML",
+                   help="more job settings, as the [job] table of server.toml (e.g. "
+                   "site_momentum, [job.aggregation]); they override the flags above")
     s.set_defaults(func=_cmd_simulate)
 
     s = sub.add_parser("provision", help="create the consortium CA, server certificate, site "

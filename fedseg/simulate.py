@@ -45,6 +45,39 @@ from fedseg.runtime.processes import (
 from fedseg.runtime.supernode import launcher_argv
 from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
+from fedseg.training.test_split import has_test_split
+
+SIMULATE_OWNS = ("run_dir", "job_id", "min_sites", "roster")  # set by simulate, not by a file
+
+
+def job_overrides(path: Path) -> dict:
+    """The ``[job]`` table of a TOML file (or of a ``.json`` file; or the whole file), checked
+    against :class:`JobConfig`; one line naming the file and field when it is wrong."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from fedseg.errors import first_error
+
+    if not path.is_file():
+        raise FedsegError(f"{path}: job config file not found")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise FedsegError(f"{path}: not valid {path.suffix[1:].upper() or 'TOML'} ({err})") from None
+    if not isinstance(data, dict):
+        raise FedsegError(f"{path}: expected a table of job settings")
+    job = data.get("job", data)
+    owned = [k for k in SIMULATE_OWNS if k in job]
+    if owned:
+        raise FedsegError(f"{path}: field '{owned[0]}' is set by fedseg simulate; remove it")
+    try:
+        JobConfig.model_validate({"run_dir": "check", **job})
+    except ValidationError as err:
+        field, msg = first_error(err)
+        raise FedsegError(f"{path}: field '{field}': {msg}") from None
+    return dict(job)
 
 
 def find_site_dirs(data: Path) -> list[Path]:
@@ -325,9 +358,9 @@ def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: boo
 
 def simulate(
     out: Path,
-    sites: int = 3,
+    sites: int | None = 3,
     data: Path | None = None,
-    rounds: int = 3,
+    rounds: int = 18,
     local_iterations: int = 50,
     preset: str = "auto",
     seed: int = 0,
@@ -335,6 +368,7 @@ def simulate(
     timeout: float = 3600.0,
     extra: dict | None = None,
     sites_per_worker: int = 1,
+    score_test: bool = True,
 ) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -343,17 +377,23 @@ def simulate(
 
         site_dirs = make_demo_data(out / "demo-data", sites=sites, seed=seed)
     else:
-        site_dirs = find_site_dirs(Path(data))[:sites] if sites else find_site_dirs(Path(data))
+        site_dirs = find_site_dirs(Path(data))
+        if sites and sites > len(site_dirs):
+            raise FedsegError(
+                f"--sites {sites}: {data} holds only {len(site_dirs)} site folder(s) "
+                f"({', '.join(d.name for d in site_dirs)}); give --sites {len(site_dirs)} or fewer"
+            )
+        site_dirs = site_dirs[:sites] if sites else site_dirs
     if preset == "auto":
         import torch
 
         preset = "nnunet" if torch.cuda.is_available() else "tiny"
-    job = JobConfig(
-        run_dir=str(out / "run"), job_id=f"sim-{out.name}", min_sites=len(site_dirs),
-        rounds=rounds, local_iterations=local_iterations, plan_preset=preset, seed=seed,
-        enrol_timeout_s=300, round_timeout_s=max(600.0, timeout / 2),
+    job = JobConfig(**{
+        "run_dir": str(out / "run"), "job_id": f"sim-{out.name}", "min_sites": len(site_dirs),
+        "rounds": rounds, "local_iterations": local_iterations, "plan_preset": preset,
+        "seed": seed, "enrol_timeout_s": 300, "round_timeout_s": max(600.0, timeout / 2),
         **(extra or {}),
-    )
+    })
     run = RunDir(job.run_dir)
     try:
         with Federation(out, site_dirs, device=device, sites_per_worker=sites_per_worker) as fed:
@@ -379,7 +419,29 @@ def simulate(
     summary = {"run_dir": job.run_dir, "rounds": rounds,
                "dice_by_round": {r["round"]: r["mean_dice"] for r in pooled}}
     print(json.dumps(summary, indent=2))
+    tested = [d for d in site_dirs if has_test_split(d)]
+    if tested and score_test:
+        summary["test"] = score_test_splits(run, tested, device)
     return summary
+
+
+def score_test_splits(run: RunDir, sites: list[Path], device: str) -> dict:
+    """The final federated model on each site's held-out test cases (imagesTs/labelsTs: never
+    trained on, unlike the validation fifth the rounds report), printed as a per-site table
+    and kept in ``RUN_DIR/test_scores.json``. Only a simulation can do this centrally: its
+    sites are folders on this machine."""
+    from fedseg.training.evaluate import json_safe
+    from fedseg.training.test_split import format_table, score_sites
+
+    print(f"scoring the final model on the test cases of {len(sites)} site(s) ...", flush=True)
+    scores = score_sites(run.model_dir, sites, run.root / "test", device)
+    names = {",".join(str(x) for x in (v if isinstance(v, list) else [v])): k
+             for k, v in json.loads((run.model_dir / "dataset.json").read_text())["labels"].items()}
+    print("\nfinal model on each site's test cases (imagesTs; Dice 1 = perfect overlap, HD95 = "
+          "95th-percentile boundary distance):", flush=True)
+    print(format_table(scores, names), flush=True)
+    (run.root / "test_scores.json").write_text(json.dumps(json_safe(scores), indent=1) + "\n")
+    return scores
 
 
 def interrupt_on_sigterm() -> None:

@@ -63,3 +63,15 @@ def test_adaptive_optimisers_move_along_delta_and_keep_state(kind: str) -> None:
     opt2 = ServerOptimizer(ServerOptimizerConfig(kind=kind, lr=0.01))
     opt2.load_state_dict(st)
     np.testing.assert_allclose(opt2.step(out, d)["a"], opt.step(out, d)["a"], rtol=1e-6)
+
+
+def test_fedavgm_accumulates_server_momentum() -> None:
+    w, d = _model(0), _model(1)
+    opt = ServerOptimizer(ServerOptimizerConfig(kind="fedavgm", lr=1.0, momentum=0.5))
+    w1 = opt.step(w, d)
+    np.testing.assert_allclose(w1["a"], w["a"] + d["a"], rtol=1e-6)  # first step: plain FedAvg
+    w2 = opt.step(w1, d)  # then the heavy ball: m = 0.5 m + d
+    np.testing.assert_allclose(w2["a"], w1["a"] + 1.5 * d["a"], rtol=1e-5)
+    opt2 = ServerOptimizer(ServerOptimizerConfig(kind="fedavgm", lr=1.0, momentum=0.5))
+    opt2.load_state_dict(opt.state_dict())  # the momentum is checkpointed with the run
+    np.testing.assert_allclose(opt2.step(w2, d)["a"], opt.step(w2, d)["a"], rtol=1e-6)

@@ -27,7 +27,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim")
     res = subprocess.run(
         [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "3", "--rounds", "3",
-         "--local-iterations", "20", "--out", str(out), "--device", "cpu", "--timeout", "480"],
+         "--local-iterations", "20", "--eval-every", "1", "--out", str(out), "--device", "cpu",
+         "--timeout", "480"],
         capture_output=True, text=True, timeout=600, env=ENV,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

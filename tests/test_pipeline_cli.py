@@ -112,3 +112,27 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     res = fedseg("train", "--data", str(tmp_path), "--plan", str(tmp_path / "missing.json"),
                  "--iterations", "5", "--out", str(tmp_path / "m"))
     assert res.returncode != 0 and "missing.json" in res.stderr
+
+
+def test_simulate_and_train_option_errors_are_one_line(demo: Path, tmp_path: Path) -> None:
+    """Mistakes with the options this pipeline grew are refused at once, before any process
+    starts, in one line naming the option or file and what to do."""
+    res = fedseg("simulate", "--data", str(demo), "--sites", "5", "--out", str(tmp_path / "s"))
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        f"fedseg: error: --sites 5: {demo} holds only 3 site folder(s) (siteA, siteB, siteC); "
+        "give --sites 3 or fewer"]
+    bad = tmp_path / "job.toml"
+    bad.write_text('site_momentum = "sometimes"\n')
+    res = fedseg("simulate", "--data", str(demo), "--out", str(tmp_path / "s"), "--job-config", str(bad))
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
+    assert f"{bad}: field 'site_momentum'" in res.stderr
+    bad.write_text('[job]\nrun_dir = "/elsewhere"\n')
+    res = fedseg("simulate", "--data", str(demo), "--out", str(tmp_path / "s"), "--job-config", str(bad))
+    assert res.returncode != 0 and "field 'run_dir' is set by fedseg simulate" in res.stderr
+    res = fedseg("simulate", "--data", str(demo), "--out", str(tmp_path / "s"), "--job-config",
+                 str(tmp_path / "none.toml"))
+    assert res.returncode != 0 and "none.toml: job config file not found" in res.stderr
+    res = fedseg("train", "--data", str(demo / "siteA"), "--plan", str(tmp_path / "p.json"),
+                 "--iterations", "5", "--out", str(tmp_path / "m"), "--snapshot-every", "0")
+    assert res.returncode != 0 and "--snapshot-every: must be >= 1, got 0" in res.stderr

@@ -240,3 +240,23 @@ def test_evaluate_errors(tmp_path):
     save(tmp_path / "pred" / "a.nii.gz", cube((10, 10, 12), (2, 2, 2), 4), aff, (1, 1, 1))
     with pytest.raises(FedsegError, match="differs from the reference"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "s.json")
+
+
+def test_batched_mirrors_predict_the_same_logits() -> None:
+    """Mirrored copies of the windows through the network together (the GPU path) or one by one
+    (the CPU path) give the same logits, hence the same label map."""
+    from fedseg.training.predict import make_predictor, predict_logits
+
+    torch.manual_seed(0)
+    plan = make_plan()
+    net = build_network(plan).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    one, many = (make_predictor(net, torch.device("cpu"), True, 3, max_batch=b) for b in (1, 16))
+    with torch.inference_mode():
+        a, b = one(x), many(x)
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+        data = np.random.default_rng(0).normal(size=(1, 40, 36, 44)).astype(np.float32)
+        logits = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True,
+                                sw_batch_size=2)
+        ref = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True)
+    assert torch.equal(logits.argmax(0), ref.argmax(0))

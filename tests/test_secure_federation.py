@@ -30,7 +30,8 @@ ENV.pop("FEDSEG_FAULT_INJECT", None)
 def _simulate(out: Path, secure: str) -> list[dict]:
     res = subprocess.run(
         [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "3", "--rounds", "3",
-         "--local-iterations", "20", "--out", str(out), "--device", "cpu", "--timeout", "540",
+         "--local-iterations", "20", "--eval-every", "1", "--out", str(out), "--device", "cpu",
+         "--timeout", "540",
          "--seed", "0", "--secure-aggregation", secure],
         capture_output=True, text=True, timeout=660, env=ENV,
     )

@@ -264,6 +264,21 @@ def test_global_weights_are_loaded(data, tmp_path: Path):
         tr.train_iterations({"nope": torch.zeros(1)}, 1, 0, 100)
 
 
+def test_reset_momentum_starts_the_round_without_buffers(data, tmp_path: Path):
+    plan, folder = data
+    tr = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(augment=False))
+    tr.train_iterations(None, 2, 0, 100)
+    w = tr.weights()
+    kept = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(augment=False))
+    assert any(m.abs().sum() > 0 for m in _momentum(kept))  # kept on disk by default
+    kept.train_iterations(w, 0, 2, 100)
+    assert len(_momentum(LocalTrainer(plan, folder, tmp_path / "s", cpu_config()))) > 0
+    kept.train_iterations(w, 0, 2, 100, reset_momentum=True)
+    assert _momentum(LocalTrainer(plan, folder, tmp_path / "s", cpu_config())) == []
+    r = kept.train_iterations(w, 1, 2, 100, reset_momentum=True)  # and trains on from there
+    assert r.iteration == 3 and len(_momentum(kept)) > 0
+
+
 def test_atomic_state_ignores_leftover_tmp(data, tmp_path: Path):
     plan, folder = data
     state = tmp_path / "s"
@@ -354,6 +369,41 @@ def test_train_local_checkpoints_resumes_and_bundles(tmp_path: Path):
     assert r2.iterations == 2 and r2.iteration == 5
     assert r2.lr_first == pytest.approx(poly_lr(0.01, 3, 5))
     assert load_bundle(out)[3].trained_iterations == 5
+
+
+def test_train_local_snapshots_and_init_from(tmp_path: Path):
+    from fedseg.data.demo import make_demo_data
+    from fedseg.models.bundle import load_bundle
+    from fedseg.training.trainer import snapshot_dir, train_local
+
+    site = make_demo_data(tmp_path / "demo", sites=1, cases=2, test_cases=0)[0]
+    plan = tiny_plan()
+    plan.save(tmp_path / "plan.json")
+    cfg = cpu_config(augment=False)
+    one = tmp_path / "one"
+    train_local(site, tmp_path / "plan.json", 6, one, config=cfg, progress=False)
+    snap = tmp_path / "snap"
+    train_local(site, tmp_path / "plan.json", 6, snap, config=cfg, progress=False, snapshot_every=2)
+    assert [load_bundle(snapshot_dir(snap, i))[3].trained_iterations for i in (2, 4)] == [2, 4]
+    assert not snapshot_dir(snap, 6).exists()  # the last one is the bundle itself
+    # snapshots cut the run into pieces of the SAME schedule: the final model is unchanged
+    w1, w2 = load_bundle(one)[2], load_bundle(snap)[2]
+    for k in w1:
+        assert torch.allclose(w1[k].float(), w2[k].float(), atol=1e-5), k
+    # fine-tuning starts from the given bundle's weights
+    ft = tmp_path / "ft"
+    r = train_local(site, tmp_path / "plan.json", 1, ft, config=cpu_config(augment=False, initial_lr=1e-9),
+                    progress=False, init_from=one)
+    for k in w1:
+        assert torch.allclose(w1[k].float(), r.weights[k].float(), atol=1e-4), k
+    other = tiny_plan(features=(4, 8, 8))
+    other.save(tmp_path / "other.json")
+    with pytest.raises(FedsegError, match="--init-from .*its plan"):
+        train_local(site, tmp_path / "other.json", 1, tmp_path / "ft2", config=cfg, progress=False,
+                    init_from=one)
+    with pytest.raises(FedsegError, match="no such folder"):
+        train_local(site, tmp_path / "plan.json", 1, tmp_path / "ft3", config=cfg, progress=False,
+                    init_from=tmp_path / "nope")
 
 
 @pytest.mark.gpu

@@ -299,6 +299,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     train_ids, _ = _split(cfg)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
+                       initial_lr=req.initial_lr,
                        save_weights=False)  # the server sends them every round
     key = (str(state_dir), plan.hash(), tcfg.model_dump_json(), tuple(train_ids))
     trainer = _TRAINERS.take(key, state_dir, site=str(cfg.cache_dir))
@@ -310,7 +311,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     res = trainer.train_iterations(
         {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
         req.local_iterations, req.global_iteration_start, req.global_total_iterations,
-        proximal_mu=req.proximal_mu,
+        proximal_mu=req.proximal_mu, reset_momentum=req.reset_momentum,
     )
     _TRAINERS.put(key, trainer, site=str(cfg.cache_dir))
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}

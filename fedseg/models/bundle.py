@@ -72,3 +72,21 @@ def load_bundle(
     info = BundleInfo.model_validate_json((d / "bundle.json").read_text())
     state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
     return plan, ds, state, info
+
+
+def bundle_from_checkpoint(run_dir: str | Path, which: str, model_dir: str | Path) -> Path:
+    """A bundle of a federated run's checkpoint ``which`` (``last``, ``best``, ``round_0005``):
+    the run's ``plan.json`` and the checkpoint's global weights (the server keeps checkpoints
+    as torch-free ``.npz``; ``fedseg predict`` wants a bundle)."""
+    from fedseg.server.rundir import RunDir
+
+    run = RunDir(run_dir)
+    ck = run.load_checkpoint(which)
+    if ck is None:
+        raise FedsegError(f"{run.checkpoint_path(which)}: missing; no such checkpoint in {run_dir}")
+    plan = Plan.load(run.plan_path)
+    ds = DatasetJson(channel_names=plan.channel_names, labels=plan.labels,
+                     file_ending=plan.file_ending, name=plan.dataset_name)
+    state = {k: torch.from_numpy(v) for k, v in ck["weights"].items()}
+    return save_bundle(model_dir, plan, ds, state, BundleInfo(
+        trained_iterations=0, note=f"checkpoint {which} of {run_dir} (round {ck['round']})"))

@@ -196,6 +196,10 @@ class TrainRequest(Msg):
     plan_hash: str
     proximal_mu: float = 0.0
     seed: int = 0
+    initial_lr: float = Field(default=0.01, gt=0, description="the sites' poly schedule starts here")
+    reset_momentum: bool = Field(
+        default=False, description="clear the site's SGD momentum before this round's steps"
+    )
     evaluate_first: bool = Field(
         default=False, description="evaluate the received global weights before training"
     )

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedseg.privacy.aggregates import sum_of_squares
 
@@ -117,8 +117,9 @@ class _MeanView(Mapping[str, np.ndarray]):
 class ServerOptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    kind: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
     lr: float = 1.0
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="fedavgm: server momentum")
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -136,6 +137,14 @@ class ServerOptimizer:
         c = self.cfg
         if c.kind in ("fedavg", "fedprox"):
             return {k: (w + c.lr * mean_delta[k]).astype(np.float32) for k, w in weights.items()}
+        if c.kind == "fedavgm":  # Hsu et al. 2019: heavy-ball momentum on the mean update
+            out = {}
+            for k, w in weights.items():
+                m = self.m.get(k)
+                m = mean_delta[k].astype(np.float32) if m is None else c.momentum * m + mean_delta[k]
+                self.m[k] = m.astype(np.float32)
+                out[k] = (w + c.lr * self.m[k]).astype(np.float32)
+            return out
         out: State = {}
         for k, w in weights.items():
             d = mean_delta[k]

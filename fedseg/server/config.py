@@ -25,11 +25,25 @@ class JobConfig(BaseModel):
     job_id: str = Field(default="", description="stable id of the job (sites key their state by it)")
     min_sites: int = Field(default=2, ge=1)
     enrol_timeout_s: float = Field(default=600.0, gt=0)
-    rounds: int = Field(default=10, ge=1)
-    local_iterations: int = Field(default=50, ge=1, description="k local iterations per round")
-    eval_every: int = Field(default=1, ge=1)
+    # a real consortium's defaults (BENCHMARKS.md, "federated recipe"): nnU-Net's schedule,
+    # 1000 epochs of 250 iterations, as 1000 rounds of one epoch at every site
+    rounds: int = Field(default=1000, ge=1)
+    local_iterations: int = Field(
+        default=250, ge=1, description="k local iterations per round (250 = one nnU-Net epoch: "
+        "on a GPU ~15 s against 1-5 s of round overhead)")
+    eval_every: int = Field(default=10, ge=1, description="evaluate the global model every E "
+                            "rounds (and after the last)")
+    snapshot_every: int = Field(
+        default=0, ge=0, description="keep the global model of every N-th round as "
+        "checkpoints/round_NNNN.npz (learning curves; 0: only last and best)")
     aggregation: ServerOptimizerConfig = ServerOptimizerConfig()
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx mu (0: off)")
+    site_lr: float = Field(
+        default=0.01, gt=0, description="initial learning rate of the sites' poly schedule "
+        "(nnU-Net's 0.01), over the job's global iterations")
+    site_momentum: Literal["keep", "reset"] = Field(
+        default="reset", description="each site's SGD momentum buffer between rounds: reset at "
+        "the start of every round (measured better: BENCHMARKS.md) or kept on the site's disk")
     max_update_norm: float | None = Field(default=None, gt=0)
     round_timeout_s: float = Field(
         default=3600.0, gt=0,

@@ -61,7 +61,7 @@ from fedseg.server.bulk_server import BulkServer
 from fedseg.server.config import JobConfig
 from fedseg.server.outbox import Outbox, model_bytes, strip_prefix
 from fedseg.server.replies import PullFailed, pull_ready
-from fedseg.server.rundir import RunDir, memory_mb
+from fedseg.server.rundir import RunDir, memory_mb, snapshot_name
 from fedseg.server.secure_rounds import SecureAggregation
 
 Log = Callable[[str], None]
@@ -489,14 +489,8 @@ class FederatedJob:
                       "reason": f"only {len(nodes)} prepared site(s) connected"}
             self.run.log(pooled)
             return pooled
-        total_its = cfg.rounds * cfg.local_iterations
         req = pm.TrainRequest(
-            round=rnd, job_id=cfg.job_id or Path(cfg.run_dir).name,
-            local_iterations=cfg.local_iterations,
-            global_iteration_start=(rnd - 1) * cfg.local_iterations,
-            global_total_iterations=total_its, plan_hash=self.plan.hash(),
-            proximal_mu=cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
-            seed=cfg.seed, evaluate_first=evaluate_first,
+            **self.train_request_fields(rnd, evaluate_first),
             dp=pm.DPParams.for_round(self.privacy.config, len(nodes)) if self.privacy else None,
         )
         box = self.outbox(self.state.weights, upload=True)
@@ -639,6 +633,22 @@ class FederatedJob:
         if evals:
             self._log_eval(self.state.round, evals)
 
+    def train_request_fields(self, rnd: int, evaluate_first: bool) -> dict[str, Any]:
+        """What every site's TRAIN message of round ``rnd`` says, plain or secure: the local
+        iterations, where they sit in the global poly schedule, and the site-side recipe."""
+        cfg = self.cfg
+        assert self.plan is not None
+        return {
+            "round": rnd, "job_id": cfg.job_id or Path(cfg.run_dir).name,
+            "local_iterations": cfg.local_iterations,
+            "global_iteration_start": (rnd - 1) * cfg.local_iterations,
+            "global_total_iterations": cfg.rounds * cfg.local_iterations,
+            "plan_hash": self.plan.hash(),
+            "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
+            "seed": cfg.seed, "evaluate_first": evaluate_first,
+            "reset_momentum": cfg.site_momentum == "reset", "initial_lr": cfg.site_lr,
+        }
+
     def checkpoint(self) -> None:
         """Write ``last`` in a background thread: the next round's messages go out while the
         file (the model plus the server optimiser's moments, fsync'ed) is written. The write is
@@ -654,9 +664,13 @@ class FederatedJob:
             "plan_hash": self.plan.hash() if self.plan else "",
         }
 
+        snap = self.cfg.snapshot_every and self.state.round % self.cfg.snapshot_every == 0
+
         def write() -> None:
             try:
                 self.run.save_checkpoint("last", state)
+                if snap:  # kept for learning curves: bench/quality.py, bundle_from_checkpoint
+                    self.run.copy_checkpoint("last", snapshot_name(int(state["round"])))
             except Exception as err:  # reported by wait_checkpoint, in the job's thread
                 self._checkpoint_error = err
 

@@ -4,7 +4,8 @@
 flushed and fsync'ed per line so a crash loses nothing already logged), ``status.json`` (what the
 supervising CLI shows: phase, round, per-site state, latest Dice), ``checkpoints/last.npz`` and
 ``best.npz`` (global weights, server-optimiser state, round — written atomically, so a SIGKILL at
-any moment leaves the previous checkpoint intact), ``model/`` (bundle for ``fedseg predict``),
+any moment leaves the previous checkpoint intact), ``round_NNNN.npz`` with ``snapshot_every``,
+``model/`` (bundle for ``fedseg predict``),
 ``plots.png`` and ``report.md``.
 
 Checkpoints are plain ``.npz`` files (arrays + a JSON index, no pickle), not ``torch.save``: the
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def snapshot_name(round_: int) -> str:
+    """Checkpoint name of round ``round_``'s global model kept by ``snapshot_every``."""
+    return f"round_{round_:04d}"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

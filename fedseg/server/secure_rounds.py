@@ -435,18 +435,12 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
         sec.next_train[rnd + 1] = next_rid
     classes = eval_classes(job)
     scale = case_scale(job)
-    total_its = cfg.rounds * cfg.local_iterations
     priv = getattr(job, "privacy", None)  # differential privacy: fedseg/privacy/dp.py
     dp = pm.DPParams.for_round(priv.config, len(nodes)) if priv is not None else None
 
     def content(nid: int):
         req = pm.TrainRequest(
-            round=rnd, job_id=cfg.job_id or job.run.root.name,
-            local_iterations=cfg.local_iterations,
-            global_iteration_start=(rnd - 1) * cfg.local_iterations,
-            global_total_iterations=total_its, plan_hash=job.plan.hash(),
-            proximal_mu=cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
-            seed=cfg.seed, evaluate_first=evaluate_first,
+            **job.train_request_fields(rnd, evaluate_first),
             secagg=sec.part(mask=a.mask_reqs[job._name(nid)],
                             advertise=[next_rid] if next_rid else []),
             max_update_norm=cfg.max_update_norm, case_scale=scale,

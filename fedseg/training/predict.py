@@ -159,23 +159,46 @@ def _mirror_axes_sets(ndim: int) -> list[tuple[int, ...]]:
     return [c for k in range(1, ndim + 1) for c in itertools.combinations(axes, k)]
 
 
+def forward_batch(device: torch.device) -> int:
+    """Patches (windows x mirrorings) per network call: on a GPU the mirrored copies go through
+    together (one large convolution keeps it busy; not yet measured on a GPU here); on a CPU one
+    at a time, which measured as fast (0.53 vs 0.55 s per hippocampus case, 2 cores)."""
+    return 16 if device.type == "cuda" else 1
+
+
 def make_predictor(
-    net: torch.nn.Module, device: torch.device, mirror_tta: bool, ndim: int
+    net: torch.nn.Module, device: torch.device, mirror_tta: bool, ndim: int,
+    max_batch: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Patch -> logits (fp32), averaged over all mirrorings when ``mirror_tta``."""
-    flips = _mirror_axes_sets(ndim) if mirror_tta else []
+    """Patches -> logits (fp32), averaged over all mirrorings when ``mirror_tta``.
+
+    Up to ``max_batch`` (default :func:`forward_batch`) mirrored patches go through the network
+    as one batch: the same arithmetic either way (each patch is still predicted on its own:
+    instance norm and convolutions do not mix batch entries; a test checks the equality)."""
+    max_batch = max_batch or forward_batch(device)
+    flips: list[tuple[int, ...]] = [(), *(_mirror_axes_sets(ndim) if mirror_tta else [])]
 
     def autocast():
         if device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def flip(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return torch.flip(t, dims) if dims else t
+
     def predict(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        out: torch.Tensor | None = None
+        per_call = max(1, max_batch // n)  # mirrorings per network call
         with autocast():
-            out = net(x).float()
-            for dims in flips:
-                out += torch.flip(net(torch.flip(x, dims)), dims).float()
-        return out / (1 + len(flips))
+            for i in range(0, len(flips), per_call):
+                group = flips[i:i + per_call]
+                y = net(torch.cat([flip(x, d) for d in group])).float()
+                for j, d in enumerate(group):
+                    part = flip(y[j * n:(j + 1) * n], d)
+                    out = part if out is None else out + part
+        assert out is not None
+        return out / len(flips)
 
     return predict
 
