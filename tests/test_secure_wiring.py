@@ -210,7 +210,7 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
 
     cfg = NS(min_sites=2, rounds=rounds, local_iterations=1, eval_every=1, per_site_metrics=True,
              job_id=job_id, aggregation=ServerOptimizerConfig(), proximal_mu=0.0, seed=0,
-             max_update_norm=None, round_timeout_s=60)
+             max_update_norm=None, round_timeout_s=60, site_momentum="reset", site_lr=0.01)
     job = NS(cfg=cfg, run=RunDir(tmp / "run"), log=lambda _: None, _sent_bytes={},
              plan=NS(hash=lambda: "h", labels={"background": 0, "x": 1},
                      num_training_cases=sum(cases.values())),

@@ -113,7 +113,7 @@ def test_example_configs_parse() -> None:
         (GOOD.replace("rounds = 2", "rounds = 'many'"), "field 'job.rounds'"),
         (GOOD + "on_too_few_sites = 'maybe'\n", "field 'job.on_too_few_sites'"),
         (GOOD + "[job.aggregation]\nkind = 'fedmagic'\n", "field 'job.aggregation.kind'"),
-        (GOOD + "[job.aggregation]\nmomentum = 0.9\n", "field 'job.aggregation.momentum'"),
+        (GOOD + "[job.aggregation]\nnesterov = true\n", "field 'job.aggregation.nesterov'"),
         ('port = 9092\n', "field 'job': Field required"),
         (GOOD.replace('host = "127.0.0.1"', 'host = "0.0.0.0"'), "field 'insecure'"),
         (GOOD.replace("insecure = true", "insecure = false"), "field 'pki': not set"),

@@ -7,7 +7,7 @@ the file and the field (see :func:`load_toml`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -109,6 +109,23 @@ class JobConfig(BaseModel):
         if self.dp.enabled:  # a target_epsilon no noise level reaches over `rounds` fails here
             self.dp.resolve(self.rounds)
         return self
+
+
+def train_request_fields(
+    cfg: JobConfig, plan_hash: str, rnd: int, evaluate_first: bool
+) -> dict[str, Any]:
+    """What every site's TRAIN message of round ``rnd`` says, plain or secure: the local
+    iterations, where they sit in the global poly schedule, and the site-side recipe."""
+    return {
+        "round": rnd, "job_id": cfg.job_id or Path(cfg.run_dir).name,
+        "local_iterations": cfg.local_iterations,
+        "global_iteration_start": (rnd - 1) * cfg.local_iterations,
+        "global_total_iterations": cfg.rounds * cfg.local_iterations,
+        "plan_hash": plan_hash,
+        "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
+        "seed": cfg.seed, "evaluate_first": evaluate_first,
+        "reset_momentum": cfg.site_momentum == "reset", "initial_lr": cfg.site_lr,
+    }
 
 
 # files 'fedseg provision' writes into its folder, by the ServerConfig field they default

@@ -58,7 +58,7 @@ from fedseg.server.aggregate import (
     check_update,
 )
 from fedseg.server.bulk_server import BulkServer
-from fedseg.server.config import JobConfig
+from fedseg.server.config import JobConfig, train_request_fields
 from fedseg.server.outbox import Outbox, model_bytes, strip_prefix
 from fedseg.server.replies import PullFailed, pull_ready
 from fedseg.server.rundir import RunDir, memory_mb, snapshot_name
@@ -490,7 +490,7 @@ class FederatedJob:
             self.run.log(pooled)
             return pooled
         req = pm.TrainRequest(
-            **self.train_request_fields(rnd, evaluate_first),
+            **train_request_fields(cfg, self.plan.hash(), rnd, evaluate_first),
             dp=pm.DPParams.for_round(self.privacy.config, len(nodes)) if self.privacy else None,
         )
         box = self.outbox(self.state.weights, upload=True)
@@ -632,22 +632,6 @@ class FederatedJob:
             evals.append((rep.site, rep))
         if evals:
             self._log_eval(self.state.round, evals)
-
-    def train_request_fields(self, rnd: int, evaluate_first: bool) -> dict[str, Any]:
-        """What every site's TRAIN message of round ``rnd`` says, plain or secure: the local
-        iterations, where they sit in the global poly schedule, and the site-side recipe."""
-        cfg = self.cfg
-        assert self.plan is not None
-        return {
-            "round": rnd, "job_id": cfg.job_id or Path(cfg.run_dir).name,
-            "local_iterations": cfg.local_iterations,
-            "global_iteration_start": (rnd - 1) * cfg.local_iterations,
-            "global_total_iterations": cfg.rounds * cfg.local_iterations,
-            "plan_hash": self.plan.hash(),
-            "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
-            "seed": cfg.seed, "evaluate_first": evaluate_first,
-            "reset_momentum": cfg.site_momentum == "reset", "initial_lr": cfg.site_lr,
-        }
 
     def checkpoint(self) -> None:
         """Write ``last`` in a background thread: the next round's messages go out while the

@@ -69,6 +69,7 @@ from fedseg.privacy.secagg import (
 from fedseg.protocol import messages as pm
 from fedseg.protocol.bulk import BulkRendezvous
 from fedseg.protocol.records import pack, payload_bytes, unpack
+from fedseg.server.config import train_request_fields
 from fedseg.server.rundir import memory_mb
 
 if TYPE_CHECKING:
@@ -440,7 +441,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
 
     def content(nid: int):
         req = pm.TrainRequest(
-            **job.train_request_fields(rnd, evaluate_first),
+            **train_request_fields(cfg, job.plan.hash(), rnd, evaluate_first),
             secagg=sec.part(mask=a.mask_reqs[job._name(nid)],
                             advertise=[next_rid] if next_rid else []),
             max_update_norm=cfg.max_update_norm, case_scale=scale,
