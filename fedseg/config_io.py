@@ -16,14 +16,20 @@ from fedseg.errors import FedsegError, first_error
 T = TypeVar("T", bound=BaseModel)
 
 
-def load_toml(path: str | Path, model: type[T]) -> T:
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing or malformed file is one line naming it."""
     p = Path(path)
     if not p.is_file():
         raise FedsegError(f"{p}: config file not found")
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as err:
         raise FedsegError(f"{p}: not valid TOML ({err})") from None
+
+
+def load_toml(path: str | Path, model: type[T]) -> T:
+    p = Path(path)
+    data = read_toml(p)
     try:
         return model.model_validate(data)
     except ValidationError as err:

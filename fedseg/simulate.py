@@ -53,19 +53,20 @@ SIMULATE_OWNS = ("run_dir", "job_id", "min_sites", "roster")  # set by simulate,
 def job_overrides(path: Path) -> dict:
     """The ``[job]`` table of a TOML file (or of a ``.json`` file; or the whole file), checked
     against :class:`JobConfig`; one line naming the file and field when it is wrong."""
-    import tomllib
-
     from pydantic import ValidationError
 
+    from fedseg.config_io import read_toml
     from fedseg.errors import first_error
 
     if not path.is_file():
         raise FedsegError(f"{path}: job config file not found")
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise FedsegError(f"{path}: not valid {path.suffix[1:].upper() or 'TOML'} ({err})") from None
+    if path.suffix != ".json":
+        data = read_toml(path)
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise FedsegError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise FedsegError(f"{path}: expected a table of job settings")
     job = data.get("job", data)

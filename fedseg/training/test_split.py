@@ -97,8 +97,8 @@ def format_table(scores: dict[str, dict[str, Any]], class_names: dict[str, str] 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedseg.training.test_split --model M --work W --json OUT SITE [SITE ...]``:
-    :func:`score_sites` in a process of its own (the quality harness scores each model so: a
-    long-lived parent that has forked training processes predicted ~3x slower here)."""
+    :func:`score_sites` in a process of its own: the quality harness scores each model so,
+    which keeps torch out of its long-lived driver process."""
     import argparse
     import json
 

@@ -574,8 +574,8 @@ def train_local(
     cfg = (config or TrainConfig()).model_copy(update={"total_iterations": iterations})
     root = Path(cache_root) if cache_root is not None else Path(data_dir) / ".fedseg_cache"
 
-    bar = tqdm(desc="preprocessing", unit="case", disable=not (progress and sys.stderr.isatty()),
-               leave=False)
+    tty = sys.stderr.isatty()  # a log file gets one line per tenth of the run, not a bar
+    bar = tqdm(desc="preprocessing", unit="case", disable=not (progress and tty), leave=False)
 
     def on_case(done: int, total: int) -> None:
         bar.total = total
@@ -589,7 +589,6 @@ def train_local(
         _init_weights(trainer, Path(init_from), plan)
     note = "fedseg train" + (f", from {init_from}" if init_from is not None else "")
     start = trainer.iteration
-    tty = sys.stderr.isatty()  # a log file gets one line per tenth of the run, not a bar
     tbar = tqdm(
         total=iterations, initial=min(start, iterations), desc="training", unit="it",
         disable=not (progress and tty), dynamic_ncols=True,
