@@ -131,8 +131,9 @@ def train_split(site: Path) -> list[Any]:
     return [c for c in cases if c.case_id in keep]
 
 
-def make_view(out: Path, sites: list[Path]) -> int:
-    """A dataset folder of symbolic links to the training split of ``sites`` (one or all)."""
+def make_view(out: Path, sites: list[Path], split: bool = True) -> int:
+    """A dataset folder of symbolic links to the training split of ``sites`` (one or all);
+    ``split=False``: to all their training cases."""
     if out.exists():
         shutil.rmtree(out)
     (out / "imagesTr").mkdir(parents=True)
@@ -145,7 +146,8 @@ def make_view(out: Path, sites: list[Path]) -> int:
             if other.get(key) != ds.get(key):
                 raise FedsegError(f"{site / 'dataset.json'}: '{key}' differs from "
                                   f"{sites[0] / 'dataset.json'}; sites must share them")
-        for case in train_split(site):
+        for case in (train_split(site) if split else
+                     list_cases(site, read_dataset_json(site), "Tr")):
             for img in case.images:
                 (out / "imagesTr" / img.name).symlink_to(img)
             (out / "labelsTr" / case.label.name).symlink_to(case.label)

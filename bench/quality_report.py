@@ -51,6 +51,8 @@ def table(res: dict, metric: str) -> str:
     sites = [Path(d).name for d in res["data"]]
     keys = class_keys(res)
     head = ["model", "budget (samples)", *sites, "mean", *[f"class {k} (mean)" for k in keys]]
+    if metric == "HD95":  # (case, class) pairs without a distance: a structure missed/invented
+        head.append("missing")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, budget, per_site in rows(res):
         fg = [per_site[s]["foreground_mean"][metric] for s in sites]
@@ -58,6 +60,9 @@ def table(res: dict, metric: str) -> str:
         digits = 3 if metric == "Dice" else 2
         cells = [name, budget, *[_fmt(v, digits) for v in fg], f"**{_fmt(_mean(fg), digits)}**",
                  *[_fmt(v, digits) for v in per_class]]
+        if metric == "HD95":
+            miss = [per_site[s]["foreground_mean"].get("HD95_missing") for s in sites]
+            cells.append("—" if None in miss else str(sum(int(m) for m in miss)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -94,7 +99,9 @@ def markdown_tables(res: dict) -> str:
     parts = [
         f"Training cases (4 in 5 of each site's imagesTr): {st['training_cases']}; {budget}.",
         "", "Dice, foreground mean (test cases of each site):", "", table(res, "Dice"),
-        "", "HD95 (mm), foreground mean:", "", table(res, "HD95"),
+        "", "HD95 (mm), foreground mean (missing: test (case, class) pairs where the model "
+        "predicted nothing or only false positives, so no distance exists; their Dice is 0):",
+        "", table(res, "HD95"),
         "", "Dice per site and class:", "", per_class_table(res, "Dice"),
     ]
     if any(res["curves"].values()):

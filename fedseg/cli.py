@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fedseg.errors import run_cli
@@ -40,11 +41,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from fedseg.planning.cli_impl import plan_main
 
-    bar = tqdm(desc="fingerprint", unit="case", leave=False)
+    tty = sys.stderr.isatty()  # a log file gets one line per site, not a redrawn bar
+    bar = tqdm(desc="fingerprint", unit="case", leave=False, disable=not tty)
 
     def progress(site: str, done: int, total: int, case_id: str) -> None:
         bar.set_description(f"fingerprint {Path(site).name}")
         bar.update(1)
+        if not tty and done == total:
+            print(f"fingerprint {Path(site).name}: {total} cases", file=sys.stderr, flush=True)
 
     plan = plan_main([Path(d) for d in args.data], Path(args.out), args.gpu_memory_gb,
                      progress=progress, preset=args.preset)
@@ -74,9 +78,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from fedseg.errors import FedsegError
+    from fedseg.models.bundle_files import check_bundle_folder
+
+    # the user's paths first: importing torch can take many seconds on a busy machine
+    check_bundle_folder(args.model)
+    inputs = [Path(p) for p in args.input]
+    for p in inputs:
+        if not p.exists():
+            raise FedsegError(f"{p}: no such file or folder; give NIfTI files or a folder of "
+                              "CASE_0000.nii.gz")
     from fedseg.training.predict import predict_files
 
-    inputs = [Path(p) for p in args.input]
     written = predict_files(Path(args.model), inputs if len(inputs) > 1 else inputs[0],
                             Path(args.output), device=args.device,
                             mirror_tta=not args.no_tta)

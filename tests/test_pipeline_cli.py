@@ -136,3 +136,41 @@ def test_simulate_and_train_option_errors_are_one_line(demo: Path, tmp_path: Pat
     res = fedseg("train", "--data", str(demo / "siteA"), "--plan", str(tmp_path / "p.json"),
                  "--iterations", "5", "--out", str(tmp_path / "m"), "--snapshot-every", "0")
     assert res.returncode != 0 and "--snapshot-every: must be >= 1, got 0" in res.stderr
+
+
+def test_train_refuses_a_plan_of_another_dataset(demo: Path, tmp_path: Path) -> None:
+    """A plan made for other labels is refused before preprocessing or training, naming the
+    plan, the dataset.json and the field (it used to train and fail only at predict)."""
+    plan = tmp_path / "plan.json"
+    assert fedseg("plan", str(demo / "siteA"), "--out", str(plan), "--preset", "tiny").returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    ds = json.loads((demo / "siteA" / "dataset.json").read_text())
+    ds["labels"] = {**ds["labels"], "extra": 3}
+    (other / "dataset.json").write_text(json.dumps(ds))
+    for d in ("imagesTr", "labelsTr"):
+        (other / d).symlink_to(demo / "siteA" / d)
+    res = fedseg("train", "--data", str(other), "--plan", str(plan), "--iterations", "5",
+                 "--out", str(tmp_path / "m"), "--cache", str(tmp_path / "cache"))
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert f"{plan} does not fit {other / 'dataset.json'}: field 'labels'" in res.stderr
+    assert "fedseg plan" in res.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "m").exists()
+
+
+def test_predict_checks_its_paths_before_importing_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from fedseg.cli import main\n"
+        f"rc = main(['predict', '--model', {str(tmp_path / 'nope')!r}, '-i', {str(tmp_path)!r},"
+        f" '-o', {str(tmp_path / 'o')!r}])\n"
+        "assert rc != 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported before the paths were checked'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip() == (f"fedseg: error: {tmp_path / 'nope'}: no such folder; give a "
+                                  "fedseg model bundle folder (made by 'fedseg train' or a "
+                                  "federated run)")

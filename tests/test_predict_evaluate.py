@@ -224,11 +224,17 @@ def test_evaluate_identity_shift_and_empty(tmp_path):
     shift = next(c for c in written["metric_per_case"] if c["case_id"] == "shift")
     assert shift["metrics"]["2"]["Dice"] is None
 
-    # labels inferred from the files; a missed structure: Dice 0, HD95 = image diagonal
+    assert res["mean"]["2"]["HD95_missing"] == 0 and res["foreground_mean"]["HD95_missing"] == 0
+
+    # labels inferred from the files; a missed structure: Dice 0, HD95 missing and counted (not
+    # a made-up distance such as the image diagonal, which would swamp the mean)
     save(tmp_path / "pred" / "same.nii.gz", cube(shape, (5, 5, 5), 10), aff, zooms)
     res = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "s2.json")
     m = {c["case_id"]: c["metrics"] for c in res["metric_per_case"]}["same"]["2"]
-    assert m["Dice"] == 0.0 and m["HD95"] == pytest.approx(math.sqrt(30**2 + 30**2 + 60**2))
+    assert m["Dice"] == 0.0 and math.isnan(m["HD95"]) and m["HD95_missing"] == 1
+    assert res["mean"]["2"]["HD95_missing"] == 1 and res["foreground_mean"]["HD95_missing"] == 1
+    assert res["mean"]["1"]["HD95"] == pytest.approx(3.0)  # the other class's mean unchanged
+    assert math.isnan(res["mean"]["2"]["HD95"])  # no case where class 2's HD95 is defined
 
 
 def test_evaluate_errors(tmp_path):
@@ -243,8 +249,9 @@ def test_evaluate_errors(tmp_path):
 
 
 def test_batched_mirrors_predict_the_same_logits() -> None:
-    """Mirrored copies of the windows through the network together (the GPU path) or one by one
-    (the CPU path) give the same logits, hence the same label map."""
+    """Mirrored copies of the windows through the network together (8 per call on a CPU, 16 on a
+    GPU: the faster path) or one by one (the previous CPU path) give the same logits, hence the
+    same label map."""
     from fedseg.training.predict import make_predictor, predict_logits
 
     torch.manual_seed(0)
@@ -256,7 +263,10 @@ def test_batched_mirrors_predict_the_same_logits() -> None:
         a, b = one(x), many(x)
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
         data = np.random.default_rng(0).normal(size=(1, 40, 36, 44)).astype(np.float32)
-        logits = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True,
-                                sw_batch_size=2)
-        ref = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True)
-    assert torch.equal(logits.argmax(0), ref.argmax(0))
+        ref = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True,
+                             max_batch=1)
+        for sw in (1, 2):
+            fast = predict_logits(data, net, [32, 32, 32], torch.device("cpu"), mirror_tta=True,
+                                  sw_batch_size=sw)
+            assert torch.allclose(fast, ref, atol=1e-5), float((fast - ref).abs().max())
+            assert torch.equal(fast.argmax(0), ref.argmax(0))

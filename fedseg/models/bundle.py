@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from fedseg import __version__
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
+from fedseg.models.bundle_files import check_bundle_folder
 from fedseg.planning.plan import Plan
 
 
@@ -60,13 +61,7 @@ def load_bundle(
     model_dir: str | Path,
 ) -> tuple[Plan, DatasetJson, dict[str, Any], BundleInfo]:
     """Read a bundle; one clear error line if anything is missing."""
-    d = Path(model_dir)
-    for name in ("plan.json", "dataset.json", "model.pt", "bundle.json"):
-        if not (d / name).is_file():
-            raise FedsegError(
-                f"{d / name}: missing; {d} is not a fedseg model bundle "
-                "(made by 'fedseg train' or a federated run)"
-            )
+    d = check_bundle_folder(model_dir)
     plan = Plan.load(d / "plan.json")
     ds = DatasetJson.model_validate_json((d / "dataset.json").read_text())
     info = BundleInfo.model_validate_json((d / "bundle.json").read_text())

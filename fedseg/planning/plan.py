@@ -110,6 +110,28 @@ class Plan(BaseModel):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
+    def check_dataset(self, plan_path: str | Path, dataset_json: str | Path,
+                      channel_names: dict[str, str], labels: dict[str, int | list[int]],
+                      file_ending: str | None) -> None:
+        """Refuse a dataset this plan was not made for, before any work: a plan with other
+        labels would train a network with the wrong number of outputs (found only at predict
+        time), other channels would normalise the wrong images."""
+        where = f"{plan_path} does not fit {dataset_json}"
+        fix = "make a plan for this dataset with 'fedseg plan'"
+        if dict(labels) != dict(self.labels):
+            raise FedsegError(f"{where}: field 'labels' {labels} differs from the plan's "
+                              f"{self.labels}; {fix}")
+        # channel names matter where they choose the normalisation (nnU-Net: "CT" or not);
+        # "MR" vs "MRI" is the same modality
+        ours = {k: v.upper() == "CT" for k, v in self.channel_names.items()}
+        theirs = {k: v.upper() == "CT" for k, v in channel_names.items()}
+        if ours != theirs:
+            raise FedsegError(f"{where}: field 'channel_names' {channel_names} differs from the "
+                              f"plan's {self.channel_names}; {fix}")
+        if file_ending is not None and self.file_ending and file_ending != self.file_ending:
+            raise FedsegError(f"{where}: field 'file_ending' {file_ending!r} differs from the "
+                              f"plan's {self.file_ending!r}; {fix}")
+
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return load_json_model(path, cls, "plan file not found; make one with 'fedseg plan'")

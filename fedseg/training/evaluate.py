@@ -13,9 +13,12 @@ with published federated results, so the bookkeeping is nnU-Net v2's
   its overall mean NaN; fedseg skips such a class (``nanmean``) instead.
 * HD95 (not in stock nnU-Net) uses MONAI's ``compute_hausdorff_distance`` (95th percentile,
   symmetric) with the reference file's voxel spacing, so it is in mm. Both empty: NaN (excluded
-  from means, like Dice). One of the two empty: the distance is undefined (MONAI returns NaN);
-  fedseg reports the worst possible value instead, the image diagonal in mm (the BraTS
-  convention), so a missed or hallucinated structure is penalised rather than silently dropped.
+  from means, like Dice). One of the two empty: the distance is undefined, so HD95 is NaN
+  (missing) and the case is COUNTED (``HD95_missing`` per class and in the foreground mean)
+  instead of being given a made-up value: the BraTS convention (the image diagonal) put
+  65-85 mm into a mean of 2-5 mm distances, which made a mean HD95 unreadable. A missed or
+  hallucinated structure is already penalised by its Dice of 0; the count says how many there
+  were.
 
 Dice itself comes from MONAI's ``DiceMetric`` (``ignore_empty=False``), with the both-empty case
 then set to NaN as above.
@@ -71,7 +74,6 @@ def case_metrics(
 
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
-    diagonal = float(np.sqrt(np.sum((np.asarray(ref.shape) * np.asarray(spacing)) ** 2)))
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     out: dict[str, dict[str, float]] = {}
     for key, vals in groups.items():
@@ -79,7 +81,8 @@ def case_metrics(
         mp = np.isin(pred, vals)
         n_ref, n_pred = int(mr.sum()), int(mp.sum())
         tp = int(np.logical_and(mr, mp).sum())
-        res = {"TP": tp, "FP": n_pred - tp, "FN": n_ref - tp, "n_ref": n_ref, "n_pred": n_pred}
+        res = {"TP": tp, "FP": n_pred - tp, "FN": n_ref - tp, "n_ref": n_ref, "n_pred": n_pred,
+               "HD95_missing": 0}
         if n_ref == 0 and n_pred == 0:
             res.update(Dice=math.nan, HD95=math.nan)
         else:
@@ -87,8 +90,9 @@ def case_metrics(
             tpred = torch.from_numpy(mp)[None, None].float()
             res["Dice"] = float(dice(tpred, tr)[0, 0])
             dice.reset()
-            if n_ref == 0 or n_pred == 0:
-                res["HD95"] = diagonal
+            if n_ref == 0 or n_pred == 0:  # undefined: missing, and counted
+                res["HD95"] = math.nan
+                res["HD95_missing"] = 1
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # MONAI's deprecation chatter
@@ -107,11 +111,15 @@ def _nanmean(values: list[float]) -> float:
 
 
 def summarize(per_case: list[dict], keys: list[str]) -> tuple[dict, dict]:
-    """(per-class nanmean over cases, foreground mean over classes) of Dice and HD95."""
-    mean = {
-        k: {m: _nanmean([c["metrics"][k][m] for c in per_case]) for m in METRICS} for k in keys
-    }
-    fg = {m: _nanmean([mean[k][m] for k in keys]) for m in METRICS}
+    """(per-class nanmean over cases, foreground mean over classes) of Dice and HD95, with the
+    number of cases whose HD95 is undefined (one of reference / prediction empty)."""
+    mean: dict[str, dict[str, float | int]] = {}
+    for k in keys:
+        mean[k] = {m: _nanmean([c["metrics"][k][m] for c in per_case]) for m in METRICS}
+        mean[k]["HD95_missing"] = sum(int(c["metrics"][k].get("HD95_missing", 0))
+                                      for c in per_case)
+    fg: dict[str, float | int] = {m: _nanmean([mean[k][m] for k in keys]) for m in METRICS}
+    fg["HD95_missing"] = sum(int(mean[k]["HD95_missing"]) for k in keys)
     return mean, fg
 
 
@@ -147,8 +155,9 @@ def evaluate_folders(
     ``labels`` is a dataset.json-style mapping (name -> value); when None it is read from
     ``labels_dir/../dataset.json`` if there is one, else every non-zero value found in a case's
     reference or prediction is scored. Every reference needs a prediction of the same shape.
-    Returns ``{"metric_per_case": [...], "mean": {class: {Dice, HD95}}, "foreground_mean":
-    {Dice, HD95}, "labels": {...}, "unmatched_predictions": [...]}``.
+    Returns ``{"metric_per_case": [...], "mean": {class: {Dice, HD95, HD95_missing}},
+    "foreground_mean": {Dice, HD95, HD95_missing}, "labels": {...},
+    "unmatched_predictions": [...]}``.
     """
     pred_dir, labels_dir = Path(pred_dir), Path(labels_dir)
     for d, what in ((pred_dir, "predictions"), (labels_dir, "reference labels")):
@@ -200,7 +209,7 @@ def evaluate_folders(
             for k in keys:
                 c["metrics"].setdefault(k, {
                     "TP": 0, "FP": 0, "FN": 0, "n_ref": 0, "n_pred": 0,
-                    "Dice": math.nan, "HD95": math.nan,
+                    "Dice": math.nan, "HD95": math.nan, "HD95_missing": 0,
                 })
         label_map = {k: int(k) for k in keys}
     else:

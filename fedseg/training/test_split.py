@@ -68,16 +68,24 @@ def _fmt(v: float | None, digits: int) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _missing(site: dict[str, Any]) -> str:
+    return str(int(site["foreground_mean"].get("HD95_missing") or 0))
+
+
 def format_table(scores: dict[str, dict[str, Any]], class_names: dict[str, str] | None = None) -> str:
     """A plain-text table: one row per site (and the mean), Dice per class, foreground mean
-    Dice and HD95 (mm); readable in a terminal and in a log file alike."""
+    Dice and HD95 (mm), and how many (case, class) pairs have no HD95 (a structure missed or
+    hallucinated: its Dice is 0, its distance undefined); readable in a terminal and in a log
+    file alike."""
     keys = list(next(iter(scores.values()))["mean"])
     names = [(class_names or {}).get(k, f"class {k}") for k in keys]
-    head = ["site", "cases", *[f"Dice {n}" for n in names], "Dice mean", "HD95 mean (mm)"]
+    head = ["site", "cases", *[f"Dice {n}" for n in names], "Dice mean", "HD95 mean (mm)",
+            "HD95 missing"]
     rows = []
     for site, s in scores.items():
         rows.append([site, str(s["cases"]), *[_fmt(s["mean"][k]["Dice"], 3) for k in keys],
-                     _fmt(s["foreground_mean"]["Dice"], 3), _fmt(s["foreground_mean"]["HD95"], 2)])
+                     _fmt(s["foreground_mean"]["Dice"], 3), _fmt(s["foreground_mean"]["HD95"], 2),
+                     _missing(s)])
     if len(scores) > 1:
         def mean(vals: list[float | None]) -> float | None:
             v = [x for x in vals if x is not None]
@@ -86,7 +94,9 @@ def format_table(scores: dict[str, dict[str, Any]], class_names: dict[str, str] 
         rows.append(["mean of sites", str(sum(s["cases"] for s in scores.values())),
                      *[_fmt(mean([s["mean"][k]["Dice"] for s in scores.values()]), 3) for k in keys],
                      _fmt(mean([s["foreground_mean"]["Dice"] for s in scores.values()]), 3),
-                     _fmt(mean([s["foreground_mean"]["HD95"] for s in scores.values()]), 2)])
+                     _fmt(mean([s["foreground_mean"]["HD95"] for s in scores.values()]), 2),
+                     str(sum(int(s["foreground_mean"].get("HD95_missing") or 0)
+                             for s in scores.values()))])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True)))
