@@ -139,7 +139,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
           f"offline), server.pem/.key for {', '.join(roster.server_sans)}, app-signing key "
           f"{roster.app_signing.key_id}, roster.json")
     for name in roster.sites:
-        print(f"  site {name}: give it {out / 'sites' / name / 'identity.key'} and ca.pem")
+        print(f"  site {name}: give it {out / 'sites' / name / 'identity.key'}, "
+              f"{out / 'ca.pem'} and {out / 'roster.json'} (in one folder: client.toml's 'pki')")
     return 0
 
 

@@ -286,6 +286,18 @@ def test_client_with_bad_data_refuses_to_start(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "logs" / "supernode.log").exists()
 
 
+def test_every_client_config_key_is_also_a_flag(tmp_path: Path) -> None:
+    """client.toml says every key is also a flag: each field (insecure is --insecure) has one,
+    and the flag's value reaches the config."""
+    from fedseg.client.cli import FLAG_FIELDS, _config_from_args, build_parser
+
+    assert set(ClientConfig.model_fields) - {"insecure"} == set(FLAG_FIELDS)
+    args = build_parser().parse_args(["--site", "a", "--data", str(tmp_path), "--runtime-port",
+                                      "9099", "--restart-delay-s", "2.5", "--max-restarts", "4"])
+    cfg, _ = _config_from_args(args)
+    assert (cfg.runtime_port, cfg.restart_delay_s, cfg.max_restarts) == (9099, 2.5, 4)
+
+
 def test_client_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert client_main(["--data", str(tmp_path), "--insecure"]) == 2
     assert "give --site" in _one_error_line(capsys.readouterr().err, "fedseg-client")

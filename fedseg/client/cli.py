@@ -82,7 +82,8 @@ PATH_FIELDS = ("data_dir", "cache_dir", "pki", "root_certificates", "auth_privat
                "identity_key", "roster", "trusted_entities")
 FLAG_FIELDS = ("site", "data_dir", "server", "cache_dir", "device", "gpu_memory_gb", "pki",
                "root_certificates", "auth_private_key", "identity_key", "roster",
-               "trusted_entities", "require_signed_apps", "require_secure_aggregation", "site_worker")
+               "trusted_entities", "require_signed_apps", "require_secure_aggregation", "site_worker",
+               "runtime_port", "restart_delay_s", "max_restarts")
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
@@ -328,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-worker", action=argparse.BooleanOptionalAction, default=None,
                    help="run the ClientApp in one long-lived worker process (default: on)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (loopback trials only)")
+    p.add_argument("--runtime-port", type=int, help="the local ClientApp port (0: a free one)")
+    p.add_argument("--restart-delay-s", type=float,
+                   help="seconds before a SuperNode that exited is started again")
+    p.add_argument("--max-restarts", type=int, help="SuperNode restarts before giving up (-1: "
+                   "forever)")
     return p
 
 

@@ -83,6 +83,15 @@ def load_server_config(path: str | Path) -> ServerConfig:
     return cfg
 
 
+def _connectable(host: str, sec: Security) -> str:
+    """The name(s) a site can put in ``server``: a wildcard bind address (0.0.0.0, ::) is not
+    one; the certificate's names are (TLS checks them), else this machine's host name."""
+    if host.strip("[]") not in ("0.0.0.0", "::", ""):
+        return host
+    sans = list(sec.roster.server_sans) if sec.roster is not None else []
+    return " or ".join(sans) if sans else socket.gethostname()
+
+
 @dataclass
 class Security:
     """What ``serve`` runs with, checked before anything starts."""
@@ -293,7 +302,8 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
         if registry is not None and sec.signing is not None:
             fab = build_fab(write_app_dir(state / "app"))
             app = registry.publish(fab, [sign_fab(fab, *sec.signing)])
-        print(f"fedseg-server: sites connect to {cfg.host}:{cfg.port} (fleet proxy: /v1/fleet/ "
+        print(f"fedseg-server: sites connect to {_connectable(cfg.host, sec)}:{cfg.port} "
+              f"(fleet proxy on {cfg.host}: /v1/fleet/ "
               f"{'and /fedseg/bulk/ ' if bulk_upstream else ''}only, "
               f"{'TLS, SuperNode authentication' if ssl else 'PLAIN HTTP, loopback trial'}"
               f"); SuperLink on {SUPERLINK_HOST}:{port}; job "
