@@ -279,34 +279,6 @@ def test_reset_momentum_starts_the_round_without_buffers(data, tmp_path: Path):
     assert r.iteration == 3 and len(_momentum(kept)) > 0
 
 
-def test_global_momentum_is_the_last_global_step_in_gradient_units(data, tmp_path: Path):
-    """site_momentum = "global": round r starts with buffer = (w_{r-1} - w_r) / sum of round
-    r-1's learning rates, the same at every site; without round r-1's weights (first round, a
-    missed round, a restarted worker) the buffers start empty."""
-    plan, folder = data
-    tr = LocalTrainer(plan, folder, tmp_path / "s", cpu_config(augment=False))
-    w1 = {k: v.clone() for k, v in tr.weights().items()}
-    tr.train_iterations(w1, 3, 0, 100, global_momentum_round=1)
-    w2 = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v
-          for k, v in tr.weights().items()}
-    tr.train_iterations(w2, 0, 3, 100, global_momentum_round=2)  # 0 steps: buffers as set
-    lr_sum = sum(poly_lr(0.01, j, 100) for j in range(3))
-    named = dict(tr.net.named_parameters())
-    st = tr.optimizer.state
-    checked = 0
-    for name, p in named.items():
-        if name in w1:
-            expect = (w1[name].float() - w2[name].float()) / lr_sum
-            assert torch.allclose(st[p]["momentum_buffer"], expect, atol=1e-6), name
-            checked += 1
-    assert checked == len([n for n in named if n in w1]) > 10
-    tr.train_iterations(w2, 0, 3, 100, global_momentum_round=5)  # round 4 not seen here
-    assert _momentum(tr) == []
-    other = LocalTrainer(plan, folder, tmp_path / "t", cpu_config(augment=False))
-    other.train_iterations(w2, 0, 3, 100, global_momentum_round=2)  # never saw round 1
-    assert _momentum(other) == []
-
-
 def test_atomic_state_ignores_leftover_tmp(data, tmp_path: Path):
     plan, folder = data
     state = tmp_path / "s"

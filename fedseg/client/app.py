@@ -312,7 +312,6 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
         {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
         req.local_iterations, req.global_iteration_start, req.global_total_iterations,
         proximal_mu=req.proximal_mu, reset_momentum=req.reset_momentum,
-        global_momentum_round=req.round if req.global_momentum else None,
     )
     _TRAINERS.put(key, trainer, site=str(cfg.cache_dir))
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}

@@ -200,10 +200,6 @@ class TrainRequest(Msg):
     reset_momentum: bool = Field(
         default=False, description="clear the site's SGD momentum before this round's steps"
     )
-    global_momentum: bool = Field(
-        default=False, description="start the round with the momentum implied by the last "
-        "global update (the site computes it from the global weights it received)"
-    )
     evaluate_first: bool = Field(
         default=False, description="evaluate the received global weights before training"
     )

@@ -39,13 +39,13 @@ class JobConfig(BaseModel):
     aggregation: ServerOptimizerConfig = ServerOptimizerConfig()
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx mu (0: off)")
     site_lr: float = Field(
-        default=0.01, gt=0, description="initial learning rate of the sites' poly schedule "
-        "(nnU-Net's 0.01), over the job's global iterations")
-    site_momentum: Literal["keep", "reset", "global"] = Field(
+        default=0.02, gt=0, description="initial learning rate of the sites' poly schedule "
+        "over the job's global iterations: twice nnU-Net's 0.01, because a momentum buffer "
+        "reset every round never reaches the steady state that 0.01 is tuned for "
+        "(measured: BENCHMARKS.md)")
+    site_momentum: Literal["keep", "reset"] = Field(
         default="reset", description="each site's SGD momentum buffer between rounds: reset at "
-        "the start of every round (measured better than keep: BENCHMARKS.md), kept on the "
-        "site's disk, or global: set from the last change of the global weights, the same at "
-        "every site")
+        "the start of every round (measured better: BENCHMARKS.md) or kept on the site's disk")
     max_update_norm: float | None = Field(default=None, gt=0)
     round_timeout_s: float = Field(
         default=3600.0, gt=0,
@@ -126,8 +126,7 @@ def train_request_fields(
         "plan_hash": plan_hash,
         "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
         "seed": cfg.seed, "evaluate_first": evaluate_first,
-        "reset_momentum": cfg.site_momentum == "reset",
-        "global_momentum": cfg.site_momentum == "global", "initial_lr": cfg.site_lr,
+        "reset_momentum": cfg.site_momentum == "reset", "initial_lr": cfg.site_lr,
     }
 
 

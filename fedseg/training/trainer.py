@@ -53,7 +53,7 @@ from monai.networks.nets import DynUNet
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedseg.errors import FedsegError
-from fedseg.models.network import aliases, build_network, load_weights, weights_of
+from fedseg.models.network import build_network, load_weights, weights_of
 from fedseg.planning.plan import Plan
 from fedseg.training.augment import AugmentConfig, DeviceAugmenter, spatial_setup
 from fedseg.training.sampling import DevicePrefetcher, PatchSampler, batch_iterator
@@ -498,64 +498,19 @@ class LocalTrainer:
         global_total_iterations: int,
         proximal_mu: float = 0.0,
         reset_momentum: bool = False,
-        global_momentum_round: int | None = None,
     ) -> TrainResult:
         """One federated round at this site: ``iterations`` steps from ``weights`` (None: keep
         the current ones) with the poly LR of the global progress; state saved to disk.
         ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2``; ``reset_momentum``
-        starts the round with empty SGD momentum buffers; ``global_momentum_round = r`` starts
-        round r with the momentum implied by the last global update (:meth:`_global_momentum`),
-        or empty buffers when this site did not see round r-1's global weights."""
+        starts the round with empty SGD momentum buffers."""
         if weights is not None:
             self.set_weights(weights)
-        if global_momentum_round is not None and weights is not None:
-            self._global_momentum(global_momentum_round, weights)
-        elif reset_momentum:
+        if reset_momentum:
             self.optimizer.state.clear()
-        res = self.run(
+        return self.run(
             iterations, global_iteration_start, global_total_iterations,
             proximal_mu=proximal_mu,
         )
-        if global_momentum_round is not None and weights is not None:
-            lr_sum = sum(poly_lr(self.cfg.initial_lr, global_iteration_start + j,
-                                 global_total_iterations) for j in range(iterations))
-            self._last_global = (global_momentum_round,
-                                 {k: v.detach().to("cpu", torch.float32, copy=True)
-                                  for k, v in weights.items()}, lr_sum)
-        return res
-
-    def _with_aliases(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        full = dict(weights)
-        for alias, key in aliases(self.net).items():
-            if alias not in full and key in full:
-                full[alias] = full[key]
-        return full
-
-    def _global_momentum(self, rnd: int, weights: dict[str, torch.Tensor]) -> None:
-        """Set every SGD momentum buffer to the global model's last step, in gradient units.
-
-        Why: a buffer kept from the site's own last round points where THIS site was going
-        (stale and site-specific: measured worse than none), an empty one throws away nnU-Net's
-        momentum 0.99, whose time constant (100 steps) is longer than a round. The change of the
-        global weights between two rounds is the mean of all sites' displacements, i.e. a
-        pooled direction, and every site can compute it from the two global models it received
-        without sending anything more. With torch's Nesterov SGD in steady state a step moves the
-        weights by lr x buffer, so over the previous round's steps buffer ~ -delta / sum(lr).
-        Every site then starts the round with the same, pooled momentum (the idea of global /
-        server momentum methods, e.g. Mime-lite, FedGLOMO), at no cost in communication or in
-        privacy: the global weights are what every site receives anyway."""
-        last = getattr(self, "_last_global", None)
-        self.optimizer.state.clear()
-        if last is None or last[0] != rnd - 1 or last[2] <= 0:
-            return
-        _, prev, lr_sum = last
-        full, prev = self._with_aliases(weights), self._with_aliases(prev)
-        for name, p in self.net.named_parameters():
-            if name not in full or name not in prev or full[name].shape != p.shape:
-                continue
-            new = full[name].detach().to("cpu", torch.float32)
-            buf = (prev[name] - new) / lr_sum
-            self.optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype)
 
 
 # --------------------------------------------------------------------------------------------
