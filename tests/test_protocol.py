@@ -34,3 +34,18 @@ def test_error_reply_is_marked() -> None:
     assert "error" in rd.config_records
     err, _ = unpack(rd, pm.ErrorReply)
     assert err.message == "x: bad"
+
+
+def test_eval_reply_carries_undefined_metrics_as_nan() -> None:
+    """A class no validation case has an HD95 (or Dice) for is NaN at the site; it travels as
+    JSON null and reads back as NaN, so the round is not lost to a validation error."""
+    import math
+
+    from fedseg.protocol import messages as pm
+    from fedseg.protocol.records import pack, unpack
+
+    rep = pm.EvalReply(site="a", num_cases=2, dice_per_class={"1": 0.5, "2": math.nan},
+                       hd95_per_class={"1": 2.0, "2": math.nan}, seconds=1.0)
+    back, _ = unpack(pack(rep), pm.EvalReply)
+    assert back.dice_per_class["1"] == 0.5 and math.isnan(back.dice_per_class["2"])
+    assert back.hd95_per_class["1"] == 2.0 and math.isnan(back.hd95_per_class["2"])

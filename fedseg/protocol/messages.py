@@ -16,10 +16,11 @@ bumps ``PROTOCOL_VERSION``.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -242,11 +243,20 @@ class EvalRequest(Msg):
     eval_classes: list[str] = Field(default_factory=list)
 
 
+def _none_is_nan(v: object) -> object:
+    return float("nan") if v is None else v
+
+
+# a metric no validation case defines (HD95 of a class missed or invented in every case, Dice of
+# a class absent from all of them) is NaN; JSON writes NaN as null, so null reads back as NaN
+MaybeNaN = Annotated[float, BeforeValidator(_none_is_nan)]
+
+
 class EvalReply(Msg):
     site: str
     num_cases: int
-    dice_per_class: dict[str, float]
-    hd95_per_class: dict[str, float]
+    dice_per_class: dict[str, MaybeNaN]
+    hd95_per_class: dict[str, MaybeNaN]
     loss: float | None = None
     seconds: float
     secagg: SecAggReplyPart | None = None
