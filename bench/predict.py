@@ -30,9 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import nnunet_plans  # noqa: E402
+from train_step import device_name, emit, nnunet_plans, plan_sites  # noqa: E402
 
 from fedseg.data.dataset import list_cases, read_dataset_json  # noqa: E402
 from fedseg.models.bundle import BundleInfo, load_bundle, save_bundle  # noqa: E402
@@ -73,11 +71,7 @@ def fedseg_model(args, root: Path, sites: list[Path]) -> Path:
     """The bundle to time: ``--model``, or the planned network with a random initialisation."""
     if args.model is not None:
         return args.model
-    plan_path = root / "plan.json"
-    subprocess.run([sys.executable, "-m", "fedseg.cli", "plan", *map(str, sites), "--out",
-                    str(plan_path), "--preset", args.preset], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    plan = Plan.load(plan_path)
+    plan = plan_sites(sites, args.preset, root / "plan.json")
     torch.manual_seed(0)
     net = build_network(plan, "3d_fullres", deep_supervision=False)
     out = root / "fedseg_model"
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         n, ds = gather_inputs(args.data, root / "in", args.max_cases)
         model = fedseg_model(args, root, args.data)
-        plan, _, state, _ = load_bundle(model)
+        plan = load_bundle(model)[0]
         net = build_network(plan, "3d_fullres", deep_supervision=False)
         ours = time_fedseg(model, root / "in", root / "fedseg", str(dev))
         print(f"fedseg: {ours['s_per_case']:.3f} s/case", file=sys.stderr, flush=True)
@@ -203,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(root / "in")
     cfg = plan.config()
     out = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(dev),
         "torch": torch.__version__,
         "data": [str(d) for d in args.data],
         "cases": n,
@@ -219,12 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      if "s_per_case" in ref else None),
         "target": "fedseg s/case <= 1.0 x nnU-Net's",
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return out
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

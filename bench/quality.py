@@ -149,8 +149,8 @@ def make_view(out: Path, sites: list[Path], split: bool = True) -> int:
         for case in (train_split(site) if split else
                      list_cases(site, read_dataset_json(site), "Tr")):
             for img in case.images:
-                (out / "imagesTr" / img.name).symlink_to(img)
-            (out / "labelsTr" / case.label.name).symlink_to(case.label)
+                (out / "imagesTr" / img.name).symlink_to(img.resolve())
+            (out / "labelsTr" / case.label.name).symlink_to(case.label.resolve())
             n += 1
     ds["numTraining"] = n
     ds["name"] = f"{ds.get('name', 'dataset')} (view: {', '.join(s.name for s in sites)})"

@@ -231,11 +231,30 @@ def real_cases(sites: list[Path], preset: str, root: Path) -> tuple[Plan, Path, 
 
     view = root / "pooled"
     n = make_view(view, sites, split=False)
-    plan_path = root / "plan.json"
+    plan = plan_sites(sites, preset, root / "plan.json")
+    return plan, preprocess_dataset(view, plan, root / "cache", "3d_fullres"), n
+
+
+def plan_sites(sites: list[Path], preset: str, plan_path: Path) -> Plan:
+    """The plan ``fedseg plan --preset`` makes for ``sites`` (the product's own planner)."""
     subprocess.run([sys.executable, "-m", "fedseg.cli", "plan", *map(str, sites), "--out",
                     str(plan_path), "--preset", preset], check=True, stdout=subprocess.DEVNULL)
-    plan = Plan.load(plan_path)
-    return plan, preprocess_dataset(view, plan, root / "cache", "3d_fullres"), n
+    return Plan.load(plan_path)
+
+
+def device_name(dev: torch.device) -> str:
+    return (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+
+
+def emit(out: dict, json_path: Path | None) -> dict:
+    """Print the result and write it to ``json_path`` (if given)."""
+    text = json.dumps(out, indent=2)
+    print(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+    return out
 
 
 def _sync(dev: torch.device) -> None:
@@ -371,8 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cplan = plan.config()
     out = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(dev),
         "torch": torch.__version__,
         "data": [str(d) for d in args.data] if real else "synthetic",
         "preset": args.preset if real else ("tiny" if args.tiny else "nnunet_3d_fullres_128"),
@@ -398,12 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
         "nnunet_note": "nnU-Net trains with fp16 autocast + GradScaler and its own compile default",
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return out
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

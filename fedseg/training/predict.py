@@ -348,9 +348,7 @@ def predict_files(
     input's shape, affine and header. ``progress(done, total)`` is called after each case.
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FedsegError(f"{model_dir}: no such folder; give a fedseg model bundle folder")
-    plan, ds, state, info = _load_bundle_checked(model_dir)
+    plan, ds, state, info = _load_bundle_checked(model_dir)  # a missing folder: one line too
     config = info.config
     cfg = plan.config(config)
     if len(ds.channel_names) != len(plan.channel_names):
