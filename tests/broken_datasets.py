@@ -100,7 +100,7 @@ def channel_keys_wrong(root: Path) -> None:
 
 
 def unsupported_file_ending(root: Path) -> None:
-    write_json(make_valid(root), file_ending=".nrrd")
+    write_json(make_valid(root), file_ending=".xyz")
 
 
 def duplicate_label_value(root: Path) -> None:
@@ -297,7 +297,7 @@ BROKEN: dict[str, tuple[Builder, str]] = {
     "missing_labels_field": (missing_labels_field, "field 'labels'"),
     "no_background": (no_background, "background"),
     "channel_keys_wrong": (channel_keys_wrong, "field 'channel_names'"),
-    "unsupported_file_ending": (unsupported_file_ending, "'.nrrd' is not supported"),
+    "unsupported_file_ending": (unsupported_file_ending, "'.xyz' is not supported"),
     "duplicate_label_value": (duplicate_label_value, "share value 1"),
     "numtraining_mismatch": (numtraining_mismatch, "numTraining is 5 but imagesTr holds 3"),
     "missing_channel": (missing_channel, "case_001_0001.nii.gz: missing channel 1"),
@@ -327,8 +327,8 @@ BROKEN: dict[str, tuple[Builder, str]] = {
     "label_origin_mismatch": (label_origin_mismatch, "origin"),
     "channel_shape_mismatch": (channel_shape_mismatch, "differs from case_001_0000.nii.gz"),
     "channel_affine_mismatch": (channel_affine_mismatch, "spacing"),
-    "image_2d": (image_2d, "is 2D (shape (8, 8))"),
-    "single_slice": (single_slice, "is 2D (shape (8, 8, 1))"),
+    "image_2d": (image_2d, "is 3D (shape (8, 8, 8)) but case_001_0000.nii.gz is 2D"),
+    "single_slice": (single_slice, "is 2D (one slice) but the dataset's other cases are 3D"),
     "image_4d": (image_4d, "is 4D"),
     "undeclared_label_values": (undeclared_label_values, "label values {3, 7} not declared"),
     "interpolated_label": (interpolated_label, "non-integer label values"),

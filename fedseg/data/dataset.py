@@ -1,4 +1,4 @@
-"""A site's dataset in nnU-Net v2's raw layout, read with nibabel.
+"""A site's dataset in nnU-Net v2's raw layout, read through ``fedseg.data.io``.
 
 Layout (nnU-Net v2 "raw"): ``DIR/dataset.json`` with ``channel_names``, ``labels``,
 ``file_ending`` (and optionally ``numTraining``); ``DIR/imagesTr/CASE_XXXX<ending>`` (one file
@@ -73,24 +73,29 @@ def list_cases(data_dir: str | Path, ds: DatasetJson, split: str = "Tr") -> list
 
     A case id is every file name in the images folder with the ``_XXXX<ending>`` suffix removed.
     The expected channel files and label are listed even when missing, so that the validator can
-    say exactly which file is absent.
+    say exactly which file is absent. Formats whose files may hold several channels (RGB PNG)
+    list the channel files that exist: the channel count is then checked on the decoded data.
     """
+    from fedseg.data.io import io_for_ending
+
     root = Path(data_dir)
     img_dir = root / f"images{split}"
     if not img_dir.is_dir():
         return []
     ending = ds.file_ending
-    ids: set[str] = set()
+    found: dict[str, set[int]] = {}
     for p in img_dir.iterdir():
         name = p.name
         if not name.endswith(ending):
             continue
         stem = name[: -len(ending)]
         if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-            ids.add(stem[:-5])
+            found.setdefault(stem[:-5], set()).add(int(stem[-4:]))
+    multi = io_for_ending(ending).multichannel_files
     cases = []
-    for cid in sorted(ids):
-        images = tuple(img_dir / f"{cid}_{c:04d}{ending}" for c in range(ds.num_channels))
+    for cid in sorted(found):
+        chans = sorted(found[cid]) if multi else range(ds.num_channels)
+        images = tuple(img_dir / f"{cid}_{c:04d}{ending}" for c in chans)
         label = root / f"labels{split}" / f"{cid}{ending}" if split == "Tr" else None
         cases.append(CaseFiles(cid, images, label))
     return cases
@@ -106,53 +111,61 @@ def to_nibabel_order(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 1, 0))
 
 
+def load_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read one image file of any supported format: ((C, k, j, i), spacing, affine)."""
+    from fedseg.data.io import read_image
+
+    img = read_image(Path(path))
+    return img.data, img.spacing, img.affine
+
+
 def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """Read one 3D NIfTI: (array in nnU-Net order, spacing in nnU-Net order, affine).
+    """Read one single-channel file (a label, or a channel): ((k, j, i), spacing, affine).
 
-    Raises :class:`FedsegError` naming the file for anything nibabel cannot read.
-    """
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except FileNotFoundError:
-        raise FedsegError(f"{path}: missing file; add it or remove the case") from None
-    except Exception as err:  # nibabel raises many types for corrupt/truncated files
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    Named for the format fedseg first read; any supported format is accepted. Raises
+    :class:`FedsegError` naming the file for anything the reader cannot decode."""
+    data, spacing, affine = load_image(path)
+    if data.shape[0] != 1:
         raise FedsegError(
-            f"{path}: unreadable NIfTI ({msg}); re-export the file"
-        ) from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise FedsegError(
-            f"{path}: expected a 3D volume, got shape {data.shape}; "
-            "fedseg trains 3D data (store one file per channel)"
+            f"{path}: holds {data.shape[0]} channels where one is expected (a label map is "
+            "a single greyscale channel); re-export it as one channel"
         )
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    spacing = (zooms[2], zooms[1], zooms[0])
-    return to_nnunet_order(data), spacing, np.asarray(img.affine, dtype=np.float64)
+    return data[0], spacing, affine
 
 
-def load_case(files: CaseFiles, with_label: bool = True) -> Case:
-    """Load every channel (and the label) of a case; channel shapes must agree."""
-    chans = []
+def load_case(files: CaseFiles, with_label: bool = True,
+              num_channels: int | None = None) -> Case:
+    """Load every channel (and the label) of a case; channel shapes must agree.
+
+    ``num_channels``: the dataset's channel count, checked against what the files hold (an RGB
+    PNG where dataset.json declares one channel is refused here, naming the file)."""
+    chans: list[np.ndarray] = []
     spacing: tuple[float, float, float] | None = None
     affine: np.ndarray | None = None
     for path in files.images:
-        arr, sp, aff = load_nifti(path)
-        if chans and arr.shape != chans[0].shape:
+        arr, sp, aff = load_image(path)
+        if chans and arr.shape[1:] != chans[0].shape[1:]:
             raise FedsegError(
-                f"{path}: shape {arr.shape[::-1]} differs from channel 0 "
-                f"({chans[0].shape[::-1]}); all channels of a case must have one grid"
+                f"{path}: shape {arr.shape[1:][::-1]} differs from channel 0 "
+                f"({chans[0].shape[1:][::-1]}); all channels of a case must have one grid"
             )
         chans.append(arr.astype(np.float32, copy=False))
         if spacing is None:
             spacing, affine = sp, aff
     assert spacing is not None and affine is not None
+    image = np.concatenate(chans) if len(chans) > 1 else chans[0]
+    if num_channels is not None and image.shape[0] != num_channels:
+        raise FedsegError(
+            f"{files.images[0]}: case '{files.case_id}' holds {image.shape[0]} channel(s), "
+            f"dataset.json declares {num_channels}; fix channel_names or the image"
+        )
     label = None
     if with_label and files.label is not None:
         lab, _, _ = load_nifti(files.label)
+        if lab.shape != image.shape[1:]:
+            raise FedsegError(
+                f"{files.label}: shape {lab.shape[::-1]} differs from the image's "
+                f"{image.shape[1:][::-1]}; the label must be on the image's grid"
+            )
         label = np.rint(lab).astype(np.int16)[None]
-    return Case(files.case_id, np.stack(chans), label, spacing, affine)
+    return Case(files.case_id, image, label, spacing, affine)

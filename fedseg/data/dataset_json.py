@@ -6,7 +6,7 @@ declarations but must never import code that touches a site's images.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class DatasetJson(BaseModel):
@@ -19,6 +19,9 @@ class DatasetJson(BaseModel):
     file_ending: str = Field(default=".nii.gz")
     numTraining: int | None = None
     name: str | None = None
+    regions_class_order: list[int] | None = Field(
+        default=None, description="region-based labels: the label value each region's mask "
+        "writes, in order (later regions overwrite earlier ones), as nnU-Net")
 
     @field_validator("channel_names")
     @classmethod
@@ -38,6 +41,31 @@ class DatasetJson(BaseModel):
         if len(v) < 2:
             raise ValueError("must declare at least one foreground label")
         return v
+
+    @model_validator(mode="after")
+    def _regions_have_an_order(self) -> DatasetJson:
+        regions = [k for k, v in self.labels.items() if isinstance(v, list) and k != "background"]
+        if regions and self.regions_class_order is None:
+            raise ValueError(
+                f"labels {regions} are regions (lists of values), so 'regions_class_order' "
+                "is required (the value each region writes, in order), as in nnU-Net"
+            )
+        n_fg = len([k for k in self.labels if k not in ("background", "ignore")])
+        if self.regions_class_order is not None and len(self.regions_class_order) != n_fg:
+            raise ValueError(
+                f"regions_class_order has {len(self.regions_class_order)} entries but labels "
+                f"declare {n_fg} foreground regions; give one value per region"
+            )
+        if "ignore" in self.labels:
+            ign = self.labels["ignore"]
+            others = {v for k, val in self.labels.items() if k != "ignore"
+                      for v in (val if isinstance(val, list) else [val])}
+            if isinstance(ign, list) or ign <= max(others):
+                raise ValueError(
+                    f"'ignore' = {ign}: must be one integer above every other label value "
+                    f"(max {max(others)}), as nnU-Net requires"
+                )
+        return self
 
     @property
     def num_channels(self) -> int:

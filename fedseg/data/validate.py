@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.data.dataset import DatasetJson, read_dataset_json
+from fedseg.data.io import SUPPORTED_ENDINGS, io_for_ending
 from fedseg.errors import FedsegError
 
 Progress = Callable[[int, int], None]
@@ -35,11 +36,15 @@ AFFINE_RTOL = 1e-3  # like nnU-Net's geometry check: relative, forgiving float32
 
 @dataclass
 class _Volume:
-    """What the checks need from one NIfTI file (nibabel axis order)."""
+    """What the checks need from one image file: data (C, i, j, k), affine, shape (i, j, k)."""
 
     data: np.ndarray
     affine: np.ndarray
     shape: tuple[int, ...]
+
+    @property
+    def is_2d(self) -> bool:
+        return self.shape[2] == 1
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -63,36 +68,26 @@ def _split_channel(stem: str) -> tuple[str, int] | None:
 
 
 def _read(path: Path, problems: list[str]) -> _Volume | None:
-    """Read one NIfTI fully; on failure add a problem line and return None."""
-    import nibabel as nib
+    """Read one image file (any supported format); on failure add a problem line, None."""
+    from fedseg.data.io import read_image
 
+    if path.is_symlink() and not path.exists():
+        problems.append(f"{path}: broken or looping symbolic link; point it at a real file")
+        return None
     if not path.is_file():
         return None  # the caller reports missing files with case context
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as err:  # nibabel/gzip/zlib raise many types for corrupt or cut files
+        img = read_image(path)
+    except FedsegError as err:
+        problems.append(_one_line(str(err), limit=400))
+        return None
+    except Exception as err:  # noqa: BLE001 - a reader's unexpected failure: still one line
         msg = _one_line(str(err)) or type(err).__name__
-        problems.append(
-            f"{path}: unreadable or truncated NIfTI ({msg}); re-export the file from the source"
-        )
+        problems.append(f"{path}: unreadable ({msg}); re-export the file from the source")
         return None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        problems.append(
-            f"{path}: is 4D (shape {data.shape}); store one 3D file per channel "
-            "(CASE_0000, CASE_0001, ...) and declare the channels in dataset.json"
-        )
-        return None
-    if data.ndim != 3 or min(data.shape) == 1:
-        problems.append(
-            f"{path}: is 2D (shape {data.shape}), fedseg trains 3D volumes; "
-            "export the whole volume as one 3D NIfTI or drop the case"
-        )
-        return None
-    return _Volume(data, affine, tuple(int(n) for n in data.shape))
+    # nibabel axis order (i, j, k) for messages, as before the readers came
+    data = img.data.transpose(0, 3, 2, 1)
+    return _Volume(data, img.affine, tuple(int(n) for n in data.shape[1:]))
 
 
 def _affines_match(a: np.ndarray, b: np.ndarray) -> bool:
@@ -120,7 +115,13 @@ def _check_files(
     ids: set[str] = set()
     channels: dict[str, set[int]] = {}
     stray: list[tuple[Path, str, str | None]] = []  # (file, other ending, case id)
+    broken: set[str] = set()  # case ids whose image is a dangling or looping symlink
     for p in sorted(img_dir.iterdir()) if img_dir.is_dir() else []:
+        if not p.name.startswith(".") and p.is_symlink() and not p.exists():
+            problems.append(f"{p}: broken or looping symbolic link; point it at a real file")
+            parsed = _split_channel(p.name[: -len(ending)]) if p.name.endswith(ending) else None
+            broken.add(parsed[0] if parsed else p.name[: -len(ending)])
+            continue
         if p.name.startswith(".") or not p.is_file():
             continue
         if p.name.endswith(ending):
@@ -171,7 +172,7 @@ def _check_files(
             if p.name.endswith(ending):
                 cid = p.name[: -len(ending)]
                 label_ids.add(cid)
-                if cid not in ids:
+                if cid not in ids and cid not in broken:  # a broken image is named above
                     parsed = _split_channel(cid)
                     hint = (
                         f"rename it to {parsed[0]}{ending} (labels have no channel suffix)"
@@ -210,14 +211,21 @@ def _check_case_collisions(folder: Path, ids: set[str], problems: list[str]) -> 
 
 
 def _check_case(
-    root: Path, ds: DatasetJson, split: str, cid: str, problems: list[str]
+    root: Path, ds: DatasetJson, split: str, cid: str, problems: list[str],
+    dims: dict[str, bool] | None = None,
 ) -> None:
-    """Read one case (every channel and the label once) and check it."""
+    """Read one case (every channel and the label once) and check it; ``dims[cid]`` records
+    whether it is 2D (one slice), for the dataset-wide check that 2D and 3D do not mix."""
+    dims = {} if dims is None else dims
     ending = ds.file_ending
     ref: _Volume | None = None
     ref_path: Path | None = None
+    multi = io_for_ending(ending).multichannel_files
+    n_read = 0
     for c in range(ds.num_channels):
         path = root / f"images{split}" / f"{cid}_{c:04d}{ending}"
+        if multi and c > 0 and (n_read > c or not path.is_file()):
+            continue  # a multi-channel file (RGB) held this channel, or is checked below
         if not path.is_file():
             problems.append(
                 f"{path}: missing channel {c} ('{ds.channel_names[str(c)]}') of case '{cid}'; "
@@ -226,7 +234,9 @@ def _check_case(
             continue
         vol = _read(path, problems)
         if vol is None:
+            n_read += 1
             continue
+        n_read += vol.data.shape[0]
         if np.issubdtype(vol.data.dtype, np.floating):
             bad = int(vol.data.size - np.count_nonzero(np.isfinite(vol.data)))
             if bad:
@@ -236,6 +246,12 @@ def _check_case(
                 )
         if ref is None:
             ref, ref_path = vol, path
+        elif vol.is_2d != ref.is_2d:
+            problems.append(
+                f"{path}: is {'2D' if vol.is_2d else '3D'} (shape {vol.shape}) but "
+                f"{ref_path.name} is {'2D' if ref.is_2d else '3D'} {ref.shape}; export every "
+                "channel of the case on one voxel grid"
+            )
         elif vol.shape != ref.shape:
             problems.append(
                 f"{path}: shape {vol.shape} differs from {ref_path.name} {ref.shape}; "
@@ -248,6 +264,15 @@ def _check_case(
                 "share one affine (resample/register them)"
             )
         del vol
+    if ref is not None and n_read != ds.num_channels:
+        first = root / f"images{split}" / f"{cid}_0000{ending}"
+        problems.append(
+            f"{first}: case '{cid}' holds {n_read} channel(s) but dataset.json declares "
+            f"{ds.num_channels} ({', '.join(ds.channel_names.values())}); fix channel_names "
+            "or convert the image (e.g. RGB to greyscale)"
+        )
+    if ref is not None:
+        dims[f"images{split}/{cid}"] = ref.is_2d
 
     lab_dir = root / f"labels{split}"
     if split == "Ts" and not lab_dir.is_dir():
@@ -262,6 +287,12 @@ def _check_case(
     lab = _read(label_path, problems)
     if lab is None:
         return
+    if lab.data.shape[0] != 1:
+        problems.append(
+            f"{label_path}: label has {lab.data.shape[0]} channels (RGB?); a label map is one "
+            "greyscale channel of label values — re-export it"
+        )
+        return
     if ref is not None and lab.shape != ref.shape:
         problems.append(
             f"{label_path}: shape {lab.shape} differs from image {ref_path.name} {ref.shape}; "
@@ -273,7 +304,7 @@ def _check_case(
             f"({_fmt_affine_diff(lab.affine, ref.affine)}); export the label with the image's "
             "affine"
         )
-    _check_label_values(label_path, lab.data, ds, problems)
+    _check_label_values(label_path, lab.data[0], ds, problems)
 
 
 def _check_label_values(
@@ -306,10 +337,10 @@ def _check_label_values(
 def _check_json_values(root: Path, ds: DatasetJson, problems: list[str]) -> None:
     """Values that parse but are still wrong."""
     path = root / "dataset.json"
-    if ds.file_ending not in NIFTI_ENDINGS:
+    if ds.file_ending not in SUPPORTED_ENDINGS:
         problems.append(
-            f"{path}: file_ending '{ds.file_ending}' is not supported; fedseg reads NIfTI, "
-            "use \".nii.gz\" or \".nii\""
+            f"{path}: file_ending '{ds.file_ending}' is not supported; fedseg reads "
+            f"{', '.join(SUPPORTED_ENDINGS)}"
         )
     seen: dict[int, str] = {}
     for name, val in ds.labels.items():
@@ -342,7 +373,7 @@ def validate_dataset(data_dir: str | Path, progress: Progress | None = None) -> 
     except FedsegError as err:
         return [_one_line(str(err), limit=400)]
     _check_json_values(root, ds, problems)
-    if ds.file_ending not in NIFTI_ENDINGS:
+    if ds.file_ending not in SUPPORTED_ENDINGS:
         return problems
 
     if not (root / "imagesTr").is_dir():
@@ -367,9 +398,10 @@ def validate_dataset(data_dir: str | Path, progress: Progress | None = None) -> 
         )
 
     work = [("Tr", c) for c in tr_ids] + [("Ts", c) for c in ts_ids]
+    dims: dict[str, bool] = {}
     for done, (split, cid) in enumerate(work, start=1):
         try:
-            _check_case(root, ds, split, cid, problems)
+            _check_case(root, ds, split, cid, problems, dims)
         except MemoryError:
             problems.append(f"{root / ('images' + split)}/{cid}: too large to read; free memory")
         except (OSError, ValueError) as err:  # e.g. a file vanished or a permission error
@@ -377,7 +409,25 @@ def validate_dataset(data_dir: str | Path, progress: Progress | None = None) -> 
                             "check the case's files")
         if progress is not None:
             progress(done, len(work))
+    _check_dims(root, ds, dims, problems)
     return problems
+
+
+def _check_dims(root: Path, ds: DatasetJson, dims: dict[str, bool], problems: list[str]) -> None:
+    """nnU-Net trains one dimensionality per dataset: a 2D case among 3D ones (a single slice
+    exported by mistake) or the reverse is named, the minority being the odd one out."""
+    n2 = sum(dims.values())
+    if 0 < n2 < len(dims):
+        odd_2d = n2 <= len(dims) - n2
+        odd = sorted(c for c, is2 in dims.items() if is2 == odd_2d)
+        what, rest = ("2D (one slice)", "3D") if odd_2d else ("3D", "2D")
+        for key in odd[:10]:
+            cid = key.split("/", 1)[1]
+            problems.append(
+                f"{root / key}_0000{ds.file_ending}: case '{cid}' is {what} but "
+                f"the dataset's other cases are {rest}; export the case like the others or "
+                "remove it"
+            )
 
 
 def summary(data_dir: str | Path) -> str:

@@ -25,7 +25,7 @@ from fedseg.planning.plan import Plan
 
 
 class BundleInfo(BaseModel):
-    config: str = "3d_fullres"
+    config: str | None = None  # None: the plan's default configuration
     fedseg_version: str = __version__
     trained_iterations: int = 0
     note: str = ""
@@ -80,8 +80,7 @@ def bundle_from_checkpoint(run_dir: str | Path, which: str, model_dir: str | Pat
     if ck is None:
         raise FedsegError(f"{run.checkpoint_path(which)}: missing; no such checkpoint in {run_dir}")
     plan = Plan.load(run.plan_path)
-    ds = DatasetJson(channel_names=plan.channel_names, labels=plan.labels,
-                     file_ending=plan.file_ending, name=plan.dataset_name)
+    ds = plan.dataset_json()
     state = {k: torch.from_numpy(v) for k, v in ck["weights"].items()}
     return save_bundle(model_dir, plan, ds, state, BundleInfo(
         trained_iterations=0, note=f"checkpoint {which} of {run_dir} (round {ck['round']})"))

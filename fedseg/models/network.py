@@ -12,7 +12,7 @@ from monai.networks.nets import DynUNet
 from fedseg.planning.plan import Plan
 
 
-def build_network(plan: Plan, config: str = "3d_fullres", deep_supervision: bool = True) -> DynUNet:
+def build_network(plan: Plan, config: str | None = None, deep_supervision: bool = True) -> DynUNet:
     """DynUNet for ``plan.configurations[config]``.
 
     Deep supervision heads: every decoder stage except the two lowest resolutions gets one,
@@ -26,7 +26,7 @@ def build_network(plan: Plan, config: str = "3d_fullres", deep_supervision: bool
     return DynUNet(
         spatial_dims=spatial_dims,
         in_channels=len(plan.channel_names),
-        out_channels=plan.num_classes,
+        out_channels=plan.num_outputs,
         kernel_size=cfg.kernel_sizes,
         strides=cfg.strides,
         upsample_kernel_size=cfg.strides[1:],

@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedseg.config_io import load_json_model
+from fedseg.data.dataset_json import DatasetJson
+from fedseg.data.labels import LabelLayout
 from fedseg.errors import FedsegError
 
 PLAN_VERSION = 1
@@ -73,6 +75,7 @@ class Plan(BaseModel):
     dataset_name: str
     channel_names: dict[str, str]
     labels: dict[str, int | list[int]]
+    regions_class_order: list[int] | None = None
     file_ending: str = ".nii.gz"
     num_training_cases: int
     gpu_memory_gb: float
@@ -82,17 +85,51 @@ class Plan(BaseModel):
     original_median_shape_after_transp: list[float]
     foreground_intensity_properties_per_channel: dict[str, IntensityProperties]
     configurations: dict[str, ConfigurationPlan] = Field(
-        description='"3d_fullres" always; "2d" too'
+        description='"3d_fullres" (3D data) and "2d"'
     )
+    configuration: str | None = Field(
+        default=None, description="the configuration to train (server.toml 'configuration'); "
+        "None: nnU-Net's choice, 3d_fullres for 3D data, 2d for 2D data")
+
+    @property
+    def layout(self) -> LabelLayout:
+        """Network outputs, regions and the ignore label (``fedseg.data.labels``)."""
+        return LabelLayout.of(self.labels, self.regions_class_order)
+
+    @property
+    def num_outputs(self) -> int:
+        """Channels of the network's output (softmax classes, or sigmoid regions)."""
+        return self.layout.num_outputs
+
+    @property
+    def is_2d_data(self) -> bool:
+        """The plan has no 3D configuration: the images are 2D (nnU-Net's rule)."""
+        return "3d_fullres" not in self.configurations
+
+    @property
+    def default_configuration(self) -> str:
+        """What sites train and predict with when nothing else is asked for: the plan's
+        ``configuration`` (so the federation's choice travels with the plan), else nnU-Net's."""
+        if self.configuration:
+            return self.configuration
+        return "2d" if self.is_2d_data else "3d_fullres"
+
+    def dataset_json(self) -> DatasetJson:
+        """The dataset.json declarations the plan was made for (what a bundle carries)."""
+        return DatasetJson(channel_names=self.channel_names, labels=self.labels,
+                           file_ending=self.file_ending, name=self.dataset_name,
+                           regions_class_order=self.regions_class_order)
 
     @property
     def num_classes(self) -> int:
+        """Distinct label values in the label maps (background and ignore included)."""
         vals: set[int] = set()
         for v in self.labels.values():
             vals.update(v if isinstance(v, list) else [v])
         return len(vals)
 
-    def config(self, name: str = "3d_fullres") -> ConfigurationPlan:
+    def config(self, name: str | None = None) -> ConfigurationPlan:
+        name = name or self.default_configuration
         if name not in self.configurations:
             raise FedsegError(
                 f"plan has no configuration '{name}' (has: {', '.join(self.configurations)})"
@@ -100,7 +137,9 @@ class Plan(BaseModel):
         return self.configurations[name]
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # exclude_none: a field added with a None default leaves old plans' hashes unchanged
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True,
+                          separators=(",", ":"))
 
     def hash(self) -> str:
         """Short content hash; preprocessed-data caches are keyed by it."""

@@ -410,39 +410,9 @@ def configuration(
     }
 
 
-def plan_configurations(
-    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0
-) -> dict[str, Any]:
-    """``plan_experiment``: everything of nnU-Net's plans fedseg compares, as plain dicts.
-
-    Keys: ``transpose_forward``, ``transpose_backward``, ``original_median_spacing_after_transp``,
-    ``original_median_shape_after_transp``, ``median_relative_size_after_cropping`` and
-    ``configurations`` with ``3d_fullres``, ``2d`` and, when nnU-Net would make one,
-    ``3d_lowres``.
-    """
-    if fp.num_cases < 1:
-        raise FedsegError("the fingerprint holds no case; every site needs training cases")
-    if gpu_memory_gb <= 0:
-        raise FedsegError(f"gpu_memory_gb={gpu_memory_gb}: must be positive (GiB of the GPU)")
-    if fp.channel_names != ds.channel_names:
-        raise FedsegError(
-            f"fingerprint channels {fp.channel_names} differ from dataset.json channel_names "
-            f"{ds.channel_names}"
-        )
-    num_training = fp.num_cases
-    num_label_names = len(ds.labels)
-    target = fullres_target_spacing(fp)
-    tf, tb = transpose(target)
-    spacing_t = target[tf]
-    new_median = median_resampled_shape(fp, target)
-    new_median_t = new_median[tf]
-    if new_median_t[0] == 1:
-        raise FedsegError(
-            "the median image is 2D (one slice after resampling); fedseg trains 3D data only"
-        )
-    approx_voxels = float(np.prod(new_median_t, dtype=np.float64) * num_training)
-    ident = PLANS_IDENTIFIER + "_"
-
+def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx_voxels: float,
+             num_label_names: int, gpu_memory_gb: float, num_training: int) -> dict[str, Any]:
+    """3d_fullres and, when nnU-Net would make one, 3d_lowres."""
     fullres = configuration(
         spacing_t, new_median_t, ident + "3d_fullres", approx_voxels, num_label_names,
         gpu_memory_gb,
@@ -474,6 +444,44 @@ def plan_configurations(
     if lowres is not None:
         lowres["batch_dice"] = False
 
+    configs = {"3d_fullres": fullres}
+    if lowres is not None:
+        configs["3d_lowres"] = lowres
+    return configs
+
+
+def plan_configurations(
+    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0
+) -> dict[str, Any]:
+    """``plan_experiment``: everything of nnU-Net's plans fedseg compares, as plain dicts.
+
+    Keys: ``transpose_forward``, ``transpose_backward``, ``original_median_spacing_after_transp``,
+    ``original_median_shape_after_transp``, ``median_relative_size_after_cropping`` and
+    ``configurations`` with ``3d_fullres``, ``2d`` and, when nnU-Net would make one,
+    ``3d_lowres``.
+    """
+    if fp.num_cases < 1:
+        raise FedsegError("the fingerprint holds no case; every site needs training cases")
+    if gpu_memory_gb <= 0:
+        raise FedsegError(f"gpu_memory_gb={gpu_memory_gb}: must be positive (GiB of the GPU)")
+    if fp.channel_names != ds.channel_names:
+        raise FedsegError(
+            f"fingerprint channels {fp.channel_names} differ from dataset.json channel_names "
+            f"{ds.channel_names}"
+        )
+    num_training = fp.num_cases
+    num_label_names = len(ds.labels)
+    target = fullres_target_spacing(fp)
+    tf, tb = transpose(target)
+    spacing_t = target[tf]
+    new_median = median_resampled_shape(fp, target)
+    new_median_t = new_median[tf]
+    approx_voxels = float(np.prod(new_median_t, dtype=np.float64) * num_training)
+    ident = PLANS_IDENTIFIER + "_"
+    configs: dict[str, Any] = {}
+    if new_median_t[0] != 1:  # nnU-Net: 2D data (one slice after resampling) gets no 3D plan
+        configs.update(_plan_3d(spacing_t, new_median_t, ident, approx_voxels, num_label_names,
+                                gpu_memory_gb, num_training))
     plan2d = configuration(
         spacing_t[1:], new_median_t[1:], ident + "2d", approx_voxels, num_label_names,
         gpu_memory_gb,
@@ -482,9 +490,7 @@ def plan_configurations(
 
     rel = hist_median(fp.relative_size_after_crop)
     schemes, use_mask = normalization_schemes(ds.channel_names, rel)
-    configs = {"3d_fullres": fullres, "2d": plan2d}
-    if lowres is not None:
-        configs["3d_lowres"] = lowres
+    configs["2d"] = plan2d
     for cfg in configs.values():
         cfg["normalization_schemes"] = list(schemes)
         cfg["use_mask_for_norm"] = list(use_mask)
@@ -519,6 +525,7 @@ def make_plan(
         dataset_name=dataset_name,
         channel_names=dict(ds.channel_names),
         labels=dict(ds.labels),
+        regions_class_order=ds.regions_class_order,
         file_ending=ds.file_ending,
         num_training_cases=fp.num_cases,
         gpu_memory_gb=float(gpu_memory_gb),

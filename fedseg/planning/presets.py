@@ -19,6 +19,12 @@ from fedseg.planning.plan import Plan
 Preset = Literal["nnunet", "tiny"]
 
 
+MAX_PATCH_2D = 256
+"""The tiny preset's patch edge for 2d configurations: a 2D patch of 256^2 costs about what a
+32^3 one does, and 32 pixels would be too little context for a natural image (the optic disc of
+a 512^2 fundus crop is ~100 pixels across)."""
+
+
 def apply_preset(
     plan: Plan, preset: Preset, max_features: int = 32, max_patch: int = 32, base: int = 4
 ) -> Plan:
@@ -28,10 +34,11 @@ def apply_preset(
     for name, cfg in out.configurations.items():
         strides = np.array(cfg.strides)
         total = strides.prod(axis=0)  # overall downsampling per axis
+        edge = MAX_PATCH_2D if len(cfg.patch_size) == 2 else max_patch
         patch = []
         for ax, p in enumerate(cfg.patch_size):
             t = int(total[ax])
-            cap = max(t, (max_patch // t) * t)
+            cap = max(t, (edge // t) * t)
             patch.append(int(min(p, cap)))
         cfg.patch_size = patch
         cfg.features_per_stage = [min(base * 2**i, max_features) for i in range(cfg.n_stages)]

@@ -138,6 +138,7 @@ class EnrolReply(Msg):
     site: str
     channel_names: dict[str, str]
     labels: dict[str, int | list[int]]
+    regions_class_order: list[int] | None = None
     file_ending: str
     num_training_cases: int | None = Field(description="None: hidden (secure aggregation)")
     num_validation_cases: int | None = None
@@ -157,7 +158,7 @@ class FingerprintReply(Msg):
 
 class PrepareRequest(Msg):
     plan_json: str
-    config: str = "3d_fullres"
+    config: str | None = Field(default=None, description="None: the plan's default")
     secagg: SecAggPart | None = None  # round 1's share keys ride here
     hide_case_counts: bool = False  # secure aggregation: the site's case count stays there
 

@@ -303,7 +303,8 @@ class FederatedJob:
             total = self._plain_fingerprint_sum(nodes)
         info = self.sites[nodes[0]].info
         ds = DatasetJson(channel_names=info.channel_names, labels=info.labels,
-                         file_ending=info.file_ending)
+                         file_ending=info.file_ending,
+                         regions_class_order=info.regions_class_order)
         gpus = [s.info.gpu_memory_gb for s in self.sites.values() if s.info.gpu_memory_gb > 0]
         budget = self.cfg.gpu_memory_gb or (min(gpus) if gpus else 8.0)
         plan = plan_from_fingerprint_sum(total, ds, gpu_memory_gb=budget,
@@ -809,8 +810,7 @@ class FederatedJob:
         from fedseg.models.bundle import BundleInfo, save_bundle
 
         assert self.plan is not None
-        ds = DatasetJson(channel_names=self.plan.channel_names, labels=self.plan.labels,
-                         file_ending=self.plan.file_ending, name=self.plan.dataset_name)
+        ds = self.plan.dataset_json()
         state = {k: torch.from_numpy(v) for k, v in self.state.weights.items()}
         save_bundle(self.run.model_dir, self.plan, ds, state,
                     BundleInfo(trained_iterations=self.state.round * self.cfg.local_iterations,

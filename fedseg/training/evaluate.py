@@ -39,25 +39,25 @@ import numpy as np
 import torch
 
 from fedseg.data.dataset import load_nifti, read_dataset_json
+from fedseg.data.io import SUPPORTED_ENDINGS, ending_of
 from fedseg.errors import FedsegError
 
-_ENDINGS = (".nii.gz", ".nii")
 METRICS = ("Dice", "HD95")
 
 
 def _strip_ending(name: str) -> str | None:
-    for end in _ENDINGS:
-        if name.endswith(end):
-            return name[: -len(end)]
-    return None
+    if name.endswith(".json"):  # a 3D TIFF's spacing file
+        return None
+    end = ending_of(name)
+    return name[: -len(end)] if end else None
 
 
 def label_groups(labels: Mapping[str, int | list[int]]) -> dict[str, list[int]]:
     """Foreground label/region key -> values, from a dataset.json ``labels`` mapping."""
     out: dict[str, list[int]] = {}
-    for val in labels.values():
+    for name, val in labels.items():
         vals = [int(v) for v in (val if isinstance(val, list) else [val])]
-        if vals == [0]:
+        if vals == [0] or name == "ignore":
             continue
         out[",".join(str(v) for v in vals)] = vals
     return out
@@ -68,17 +68,28 @@ def case_metrics(
     ref: np.ndarray,
     spacing: tuple[float, ...] | list[float],
     groups: Mapping[str, list[int]],
+    ignore_label: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Dice, HD95 (mm) and voxel counts per class for one case (arrays of one shape)."""
+    """Dice, HD95 (mm) and voxel counts per class for one case (arrays of one shape).
+
+    ``ignore_label``: voxels the reference marks with it count nowhere (nnU-Net's ignore label).
+    A volume one voxel thick (a 2D image) is scored as 2D: its in-plane boundaries, not its
+    two faces, give the HD95."""
     from monai.metrics import DiceMetric, compute_hausdorff_distance
 
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
+    if pred.ndim == 3 and pred.shape[0] == 1:
+        pred, ref, spacing = pred[0], ref[0], list(spacing)[1:]
+    keep = None if ignore_label is None else ref != ignore_label
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     out: dict[str, dict[str, float]] = {}
     for key, vals in groups.items():
         mr = np.isin(ref, vals)
         mp = np.isin(pred, vals)
+        if keep is not None:
+            mr &= keep
+            mp &= keep
         n_ref, n_pred = int(mr.sum()), int(mp.sum())
         tp = int(np.logical_and(mr, mp).sum())
         res = {"TP": tp, "FP": n_pred - tp, "FN": n_ref - tp, "n_ref": n_ref, "n_pred": n_pred,
@@ -150,7 +161,7 @@ def evaluate_folders(
     json_path: str | Path,
     labels: Mapping[str, int | list[int]] | None = None,
 ) -> dict:
-    """Score every reference in ``labels_dir`` against ``pred_dir/CASE.nii.gz``; write JSON.
+    """Score every reference in ``labels_dir`` against ``pred_dir/CASE<ending>``; write JSON.
 
     ``labels`` is a dataset.json-style mapping (name -> value); when None it is read from
     ``labels_dir/../dataset.json`` if there is one, else every non-zero value found in a case's
@@ -166,16 +177,20 @@ def evaluate_folders(
     refs = _nifti_files(labels_dir)
     preds = _nifti_files(pred_dir)
     if not refs:
-        raise FedsegError(f"{labels_dir}: no .nii.gz / .nii reference labels found")
+        raise FedsegError(
+            f"{labels_dir}: no reference labels found ({' / '.join(SUPPORTED_ENDINGS)})")
     missing = [cid for cid in refs if cid not in preds]
     if missing:
+        ending = ending_of(refs[missing[0]].name) or ""
         raise FedsegError(
-            f"{pred_dir / (missing[0] + '.nii.gz')}: missing prediction for reference "
+            f"{pred_dir / (missing[0] + ending)}: missing prediction for reference "
             f"{refs[missing[0]]} ({len(missing)} of {len(refs)} missing); predict those cases first"
         )
     if labels is None and (labels_dir.parent / "dataset.json").is_file():
         labels = read_dataset_json(labels_dir.parent).labels
     fixed_groups = label_groups(labels) if labels is not None else None
+    ignore = labels.get("ignore") if labels is not None else None
+    ignore = ignore if isinstance(ignore, int) else None
     if fixed_groups is not None and not fixed_groups:
         raise FedsegError("labels: no foreground label to score; give e.g. {'organ': 1}")
 
@@ -200,7 +215,7 @@ def evaluate_folders(
             "reference_file": str(ref_path),
             "prediction_file": str(preds[cid]),
             "spacing": list(spacing),
-            "metrics": case_metrics(pred, ref, spacing, groups),
+            "metrics": case_metrics(pred, ref, spacing, groups, ignore),
         })
 
     if fixed_groups is None:  # classes seen anywhere; absent in a case = both empty there
@@ -214,7 +229,8 @@ def evaluate_folders(
         label_map = {k: int(k) for k in keys}
     else:
         keys = list(fixed_groups)
-        label_map = {name: val for name, val in labels.items() if val not in (0, [0])}
+        label_map = {name: val for name, val in labels.items()
+                     if val not in (0, [0]) and name != "ignore"}
     mean, fg = summarize(per_case, keys)
     result = {
         "metric_per_case": per_case,

@@ -1,4 +1,5 @@
-"""Prediction: NIfTI in, NIfTI out, through a model bundle (``fedseg predict``).
+"""Prediction: images in, label maps out in the input's own format, through a model bundle
+(``fedseg predict``; readers and writers: ``fedseg.data.io``).
 
 Why it reuses :func:`fedseg.training.preprocess.preprocess_case`: the network must see exactly
 what training saw, and every step done there (transpose, crop, resample) is undone here in the
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from fedseg.data.dataset import CaseFiles, DatasetJson, load_case, to_nibabel_order
+from fedseg.data.dataset import CaseFiles, DatasetJson, load_case
+from fedseg.data.io import SUPPORTED_ENDINGS, ending_of, io_for, io_for_ending
+from fedseg.data.labels import LabelLayout
 from fedseg.errors import FedsegError
 from fedseg.models.bundle import load_bundle
 from fedseg.models.network import build_network, load_weights
@@ -41,7 +44,6 @@ from fedseg.training.preprocess import (
 
 ProgressFn = Callable[[int, int], None]
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
-_ENDINGS = (".nii.gz", ".nii")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,45 +66,47 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _strip_ending(name: str) -> str | None:
-    for end in _ENDINGS:
-        if name.endswith(end):
-            return name[: -len(end)]
-    return None
+    end = ending_of(name)
+    return name[: -len(end)] if end else None
 
 
 def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> list[CaseFiles]:
-    """Group NIfTI files into cases (``CASE_XXXX.nii.gz`` = channel XXXX of CASE).
+    """Group image files into cases (``CASE_XXXX<ending>`` = channel XXXX of CASE).
 
-    ``inputs`` is a folder in nnU-Net layout or a list of files. A single-channel model also
-    accepts files without the ``_0000`` suffix (the case id is then the file name).
+    ``inputs`` is a folder in nnU-Net layout or a list of files. A single-channel model — or a
+    format whose one file holds every channel (RGB PNG) — also accepts files without the
+    ``_0000`` suffix (the case id is then the file name).
     """
     n_chan = ds.num_channels
+    multi = io_for_ending(ds.file_ending).multichannel_files
+    kinds = " / ".join(SUPPORTED_ENDINGS)
     if isinstance(inputs, str | Path):
         folder = Path(inputs)
         if not folder.is_dir():
             if folder.is_file():
                 return group_inputs([folder], ds)
-            raise FedsegError(f"{folder}: no such file or folder; give NIfTI files or a folder")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _strip_ending(p.name))
+            raise FedsegError(f"{folder}: no such file or folder; give image files or a folder")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and _strip_ending(p.name) and not p.name.endswith(".json"))
         if not files:
             raise FedsegError(
-                f"{folder}: no .nii.gz / .nii files; give a folder of CASE_0000.nii.gz"
+                f"{folder}: no {kinds} files; give a folder of CASE_0000{ds.file_ending}"
             )
     else:
         files = [Path(p) for p in inputs]
         if not files:
-            raise FedsegError("no input files given; pass NIfTI files or a folder")
+            raise FedsegError("no input files given; pass image files or a folder")
     by_case: dict[str, dict[int, Path]] = {}
     for p in files:
         if not p.is_file():
             raise FedsegError(f"{p}: missing input file")
         stem = _strip_ending(p.name)
         if stem is None:
-            raise FedsegError(f"{p}: not a NIfTI file name (.nii.gz or .nii expected)")
+            raise FedsegError(f"{p}: not an image file name ({kinds} expected)")
         m = _CHANNEL_RE.match(stem)
         if m:
             case, chan = m["case"], int(m["chan"])
-        elif n_chan == 1:
+        elif n_chan == 1 or multi:
             case, chan = stem, 0
         else:
             raise FedsegError(
@@ -123,6 +127,9 @@ def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> 
                 f"({names}); remove the file or use a model trained on these channels"
             )
         missing = [c for c in range(n_chan) if c not in chans]
+        if multi and 0 in chans:  # one file may hold several channels: counted when read
+            cases.append(CaseFiles(case, tuple(chans[c] for c in sorted(chans)), None))
+            continue
         if missing:
             some = next(iter(chans.values()))
             raise FedsegError(
@@ -262,28 +269,48 @@ def predict_logits(
 # back to the original grid
 
 
+def segment(logits: torch.Tensor, layout: LabelLayout) -> np.ndarray:
+    """Logits (K, ...) -> label map on the same grid: the argmax's label value, or for regions
+    every region whose sigmoid is above 0.5 (logit > 0) painted in ``regions_class_order``."""
+    if layout.has_regions:
+        return layout.paint((logits > 0).cpu().numpy())
+    lut = np.asarray(layout.softmax_values, dtype=np.int16)
+    return lut[logits.argmax(0).cpu().numpy()]
+
+
 def logits_to_segmentation(
-    logits: torch.Tensor, props: CaseProperties, plan: Plan, label_values: Sequence[int]
+    logits: torch.Tensor, props: CaseProperties, plan: Plan,
+    label_values: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Logits on the preprocessed grid -> label map in nnU-Net order on the original grid.
 
-    Per class, so memory stays at a few volumes whatever the number of classes.
+    Per output channel, so memory stays at a few volumes whatever the number of classes.
+    ``label_values``: softmax channel -> label value (default: the plan's).
     """
     shape = props.shape_after_cropping_and_before_resampling
     sep = separate_z_axis(props.target_spacing, props.spacing_transposed)
-    best = None
-    arg = None
-    for k in range(logits.shape[0]):
-        r = resample_tensor(logits[k : k + 1].float(), shape, sep)[0]
-        if best is None:
-            best, arg = r, torch.zeros(r.shape, dtype=torch.int64, device=r.device)
-        else:
-            win = r > best
-            arg[win] = k
-            best = torch.where(win, r, best)
-    assert arg is not None
-    lut = np.asarray(label_values, dtype=np.int64)
-    seg_crop = lut[arg.cpu().numpy()]
+    layout = plan.layout
+    if layout.has_regions:
+        masks = np.stack([
+            (resample_tensor(logits[k : k + 1].float(), shape, sep)[0] > 0).cpu().numpy()
+            for k in range(logits.shape[0])
+        ])
+        seg_crop = layout.paint(masks)
+    else:
+        best = None
+        arg = None
+        for k in range(logits.shape[0]):
+            r = resample_tensor(logits[k : k + 1].float(), shape, sep)[0]
+            if best is None:
+                best, arg = r, torch.zeros(r.shape, dtype=torch.int64, device=r.device)
+            else:
+                win = r > best
+                arg[win] = k
+                best = torch.where(win, r, best)
+        assert arg is not None
+        values = layout.softmax_values if label_values is None else label_values
+        lut = np.asarray(values, dtype=np.int64)
+        seg_crop = lut[arg.cpu().numpy()]
     full = np.zeros(props.shape_before_cropping, dtype=seg_crop.dtype)
     full[tuple(slice(lo, hi) for lo, hi in props.bbox_used_for_cropping)] = seg_crop
     full = full.transpose(plan.transpose_backward)
@@ -292,22 +319,9 @@ def logits_to_segmentation(
 
 
 def write_like(seg_nnunet_order: np.ndarray, reference: Path, out_path: Path) -> Path:
-    """Write a label map with ``reference``'s shape, affine and header (integer dtype)."""
-    import nibabel as nib
-
-    ref = nib.load(str(reference))
-    arr = to_nibabel_order(seg_nnunet_order)
-    dtype = np.uint8 if arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0 else np.int16
-    arr = arr.astype(dtype).reshape(ref.shape)
-    hdr = ref.header.copy()
-    img = type(ref)(arr, ref.affine, header=hdr)
-    img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{out_path.name}")
-    nib.save(img, str(tmp))
-    tmp.replace(out_path)
-    return out_path
+    """Write a label map in ``reference``'s format with its shape and geometry (integer
+    dtype); the format's writer is chosen by the reference's ending (``fedseg.data.io``)."""
+    return io_for(reference).write_seg(seg_nnunet_order, reference, out_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,23 +358,24 @@ def predict_files(
 ) -> list[Path]:
     """Segment every case of ``inputs`` with the bundle in ``model_dir``; returns written files.
 
-    Output: ``OUT_DIR/CASE.nii.gz`` per case, integer labels (uint8 when they fit), with the
-    input's shape, affine and header. ``progress(done, total)`` is called after each case.
+    Output: ``OUT_DIR/CASE<ending>`` per case in the input's format, integer labels (uint8
+    when they fit), with the input's shape and geometry (NIfTI: affine and header; SimpleITK
+    formats: spacing, origin, direction; PNG: the image's size). ``progress(done, total)`` is
+    called after each case.
     """
     model_dir = Path(model_dir)
     plan, ds, state, info = _load_bundle_checked(model_dir)  # a missing folder: one line too
-    config = info.config
+    config = info.config or plan.default_configuration
     cfg = plan.config(config)
     if len(ds.channel_names) != len(plan.channel_names):
         raise FedsegError(
             f"{model_dir}: dataset.json has {len(ds.channel_names)} channel(s), plan.json "
             f"{len(plan.channel_names)}; the bundle is inconsistent, re-export it"
         )
-    label_values = ds.label_values
-    if len(label_values) != plan.num_classes:
+    if dict(ds.labels) != dict(plan.labels):
         raise FedsegError(
-            f"{model_dir}: dataset.json declares {len(label_values)} labels, plan.json "
-            f"{plan.num_classes}; the bundle is inconsistent, re-export it"
+            f"{model_dir}: dataset.json declares labels {ds.labels}, plan.json "
+            f"{plan.labels}; the bundle is inconsistent, re-export it"
         )
     cases = group_inputs(inputs, ds)
     dev = resolve_device(device)
@@ -369,13 +384,15 @@ def predict_files(
     written = []
     with torch.inference_mode():
         for i, files in enumerate(cases):
-            case = load_case(files, with_label=False)
+            case = load_case(files, with_label=False, num_channels=len(plan.channel_names))
             pc = preprocess_case(case, plan, config)
             del case
             logits = predict_logits(pc.data, net, cfg.patch_size, dev, mirror_tta, sw_batch_size)
-            seg = logits_to_segmentation(logits, pc.properties, plan, label_values)
+            seg = logits_to_segmentation(logits, pc.properties, plan)
             del logits, pc
-            written.append(write_like(seg, files.images[0], out_dir / f"{files.case_id}.nii.gz"))
+            ref = files.images[0]
+            ending = ending_of(ref.name) or plan.file_ending
+            written.append(write_like(seg, ref, out_dir / f"{files.case_id}{ending}"))
             if progress is not None:
                 progress(i + 1, len(cases))
     return written

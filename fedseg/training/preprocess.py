@@ -286,9 +286,9 @@ def resample_seg(
 def foreground_label_groups(plan: Plan) -> dict[str, list[int]]:
     """Key -> label values, for every foreground label (a region's values are OR-ed)."""
     out: dict[str, list[int]] = {}
-    for val in plan.labels.values():
+    for name, val in plan.labels.items():
         vals = val if isinstance(val, list) else [val]
-        if vals == [0]:
+        if vals == [0] or name == "ignore":  # nnU-Net never oversamples unlabelled voxels
             continue
         out[",".join(str(v) for v in vals)] = list(vals)
     return out
@@ -326,8 +326,10 @@ def config_target_spacing(plan: Plan, config: str, spacing_transposed: list[floa
     return target
 
 
-def preprocess_case(case: Case, plan: Plan, config: str = "3d_fullres") -> PreprocessedCase:
-    """Transpose, crop, normalise, resample one case (with or without label) per the plan."""
+def preprocess_case(case: Case, plan: Plan, config: str | None = None) -> PreprocessedCase:
+    """Transpose, crop, normalise, resample one case (with or without label) per the plan
+    (``config`` None: the plan's default configuration)."""
+    config = config or plan.default_configuration
     cfg = plan.config(config)
     n_chan = len(plan.channel_names)
     if case.image.shape[0] != n_chan:
@@ -425,15 +427,15 @@ def save_preprocessed(folder: Path, pc: PreprocessedCase) -> None:
     _atomic_write_text(json_p, pc.properties.model_dump_json() + "\n")
 
 
-def cache_folder(cache_root: str | Path, plan: Plan, config: str = "3d_fullres") -> Path:
-    return Path(cache_root) / plan.hash() / config
+def cache_folder(cache_root: str | Path, plan: Plan, config: str | None = None) -> Path:
+    return Path(cache_root) / plan.hash() / (config or plan.default_configuration)
 
 
 def preprocess_dataset(
     data_dir: str | Path,
     plan: Plan,
     cache_root: str | Path,
-    config: str = "3d_fullres",
+    config: str | None = None,
     progress: ProgressFn | None = None,
 ) -> Path:
     """Preprocess every training case of a site into the plan-keyed cache; returns the folder.
@@ -441,6 +443,7 @@ def preprocess_dataset(
     Cases already cached (complete) are skipped, so re-running after a crash or in a later
     round costs only the directory listing. ``progress(done, total)`` is called after each case.
     """
+    config = config or plan.default_configuration
     plan.config(config)  # clear error for a missing configuration
     ds = read_dataset_json(data_dir)
     if ds.num_channels != len(plan.channel_names):
@@ -465,7 +468,8 @@ def preprocess_dataset(
                     f"{files.label}: missing label for training case {files.case_id}; "
                     "add it to labelsTr or remove the case's images"
                 )
-            pc = preprocess_case(load_case(files, with_label=True), plan, config)
+            pc = preprocess_case(load_case(files, with_label=True, num_channels=ds.num_channels),
+                                 plan, config)
             save_preprocessed(folder, pc)
         if progress is not None:
             progress(i + 1, len(cases))

@@ -47,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss
 from monai.networks.nets import DynUNet
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +54,13 @@ from fedseg.errors import FedsegError
 from fedseg.models.network import build_network, load_weights, weights_of
 from fedseg.planning.plan import Plan
 from fedseg.training.augment import AugmentConfig, DeviceAugmenter, spatial_setup
+from fedseg.training.losses import (  # noqa: F401 - re-exported: tests and benches use them
+    DeepSupervisionLoss,
+    DiceCELoss,
+    deep_supervision_weights,
+    make_loss,
+    mark_ignored,
+)
 from fedseg.training.sampling import DevicePrefetcher, PatchSampler, batch_iterator
 
 STATE_FILE = "checkpoint.pt"
@@ -67,7 +72,8 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: str = Field(default="3d_fullres", description="plan configuration to train")
+    config: str | None = Field(
+        default=None, description="plan configuration to train; None: the plan's default")
     initial_lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.99, ge=0, lt=1)
     nesterov: bool = True
@@ -119,65 +125,6 @@ def poly_lr(initial_lr: float, iteration: int, total_iterations: int, exponent: 
     """nnU-Net's ``PolyLRScheduler``: ``initial * (1 - it / total) ** 0.9`` (0 past the end)."""
     frac = min(max(iteration, 0), total_iterations) / total_iterations
     return initial_lr * (1 - frac) ** exponent
-
-
-def deep_supervision_weights(n_outputs: int) -> list[float]:
-    """nnU-Net's: ``1 / 2**i`` per output (full resolution first), the last one 0, normalised."""
-    w = [1 / 2**i for i in range(n_outputs)]
-    if n_outputs > 1:
-        w[-1] = 0.0
-    s = sum(w)
-    return [x / s for x in w]
-
-
-class DiceCELoss(torch.nn.Module):
-    """nnU-Net's ``DC_and_CE_loss``: soft Dice without background + cross-entropy, weight 1:1.
-
-    MONAI's ``DiceLoss`` (softmax, one-hot target, ``batch`` = batch Dice, smooth 1e-5 as
-    nnU-Net) plus ``F.cross_entropy``: the same two terms as MONAI's ``DiceCELoss``, composed
-    here because ``DiceCELoss`` cannot ignore voxels and ``ignore_outside`` needs that.
-    """
-
-    def __init__(self, batch_dice: bool, ignore_index: int | None = None) -> None:
-        super().__init__()
-        self.ignore_index = ignore_index
-        self.dice = DiceLoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
-            smooth_nr=1e-5, smooth_dr=1e-5, ignore_index=ignore_index,
-        )
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target.long()
-        if self.ignore_index is None:
-            ce = F.cross_entropy(logits, target[:, 0])
-        else:
-            valid = (target != self.ignore_index).sum().clamp_min(1)
-            ce = F.cross_entropy(
-                logits, target[:, 0], ignore_index=self.ignore_index, reduction="sum"
-            ) / valid
-        return self.dice(logits, target) + ce
-
-
-class DeepSupervisionLoss(torch.nn.Module):
-    """Weighted sum of ``base`` over the heads, the target downsampled to each head (nearest)."""
-
-    def __init__(self, base: torch.nn.Module, weights: Sequence[float]) -> None:
-        super().__init__()
-        self.base = base
-        self.weights = list(weights)
-
-    def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for out, w in zip(outputs, self.weights, strict=False):
-            if w == 0:
-                continue
-            t = target
-            if t.shape[2:] != out.shape[2:]:
-                t = F.interpolate(t.float(), size=out.shape[2:], mode="nearest-exact").long()
-            term = w * self.base(out, t)
-            total = term if total is None else total + term
-        assert total is not None
-        return total
 
 
 class DeepSupervisionNet(torch.nn.Module):
@@ -256,13 +203,20 @@ class LocalTrainer:
         self.plan = plan
         self.cfg = cfg = config or TrainConfig()
         self.device = resolve_device(cfg.device)
-        cplan = plan.config(cfg.config)
+        self.config_name = cfg.config or plan.default_configuration
+        cplan = plan.config(self.config_name)
         self.patch_size = list(cfg.patch_size or cplan.patch_size)
         self.batch_size = int(cfg.batch_size or cplan.batch_size)
-        if len(self.patch_size) != 3 or len(cplan.patch_size) != 3:
+        if len(self.patch_size) != len(cplan.patch_size):
             raise FedsegError(
-                f"configuration '{cfg.config}' is not 3D; fedseg trains 3D configurations only"
+                f"patch size {self.patch_size}: configuration '{self.config_name}' is "
+                f"{len(cplan.patch_size)}D; give {len(cplan.patch_size)} values"
             )
+        # a 2d configuration samples (1, y, x) boxes from the stored (C, z, y, x) arrays — one
+        # slice — which nnU-Net's "dummy 2D" augmentation then treats in-plane; the slice axis
+        # is dropped before the network (fedseg.training.spatial has the whole rule)
+        self.slices = len(self.patch_size) == 2
+        sample_patch = [1, *self.patch_size] if self.slices else self.patch_size
         for ax, p in enumerate(self.patch_size):
             div = math.prod(s[ax] if isinstance(s, list) else s for s in cplan.strides)
             if p % div:
@@ -278,20 +232,22 @@ class LocalTrainer:
             torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(cfg.seed)  # the same initial weights at every site with this seed
-        self.net: DynUNet = build_network(plan, cfg.config, cfg.deep_supervision).to(self.device)
+        self.net: DynUNet = build_network(plan, self.config_name, cfg.deep_supervision).to(
+            self.device)
         self.model = DeepSupervisionNet(self.net)
         self.model.train()
         n_out = (1 + self.net.deep_supr_num) if self.net.deep_supervision else 1
-        ignore = -1 if cfg.ignore_outside else None
+        self.layout = plan.layout
+        ignore = cfg.ignore_outside or self.layout.ignore_label is not None
         self.loss_fn = DeepSupervisionLoss(
-            DiceCELoss(cplan.batch_dice, ignore), deep_supervision_weights(n_out)
+            make_loss(self.layout, cplan.batch_dice, ignore), deep_supervision_weights(n_out)
         )
         self.optimizer = torch.optim.SGD(
             self.net.parameters(), lr=cfg.initial_lr, momentum=cfg.momentum,
             nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
         )
         aug = AugmentConfig() if cfg.augment else None
-        self.setup = spatial_setup(self.patch_size, AugmentConfig(), cfg.augment)
+        self.setup = spatial_setup(sample_patch, AugmentConfig(), cfg.augment)
         self.sampler = PatchSampler(
             preprocessed_dir, self.setup, self.batch_size, cfg.oversample_foreground, aug, cfg.seed,
             case_ids=case_ids,
@@ -354,7 +310,7 @@ class LocalTrainer:
             {
                 "format": STATE_FORMAT,
                 "plan_hash": self.plan.hash(),
-                "config": self.cfg.config,
+                "config": self.config_name,
                 "iteration": self.iteration,
                 "model": self.weights() if self.cfg.save_weights else None,
                 "optimizer": opt,
@@ -458,8 +414,9 @@ class LocalTrainer:
             )
             for j, batch in enumerate(batches):
                 image, seg = self.augmenter(batch, augment=self.cfg.augment)
-                if not self.cfg.ignore_outside:
-                    seg = seg.clamp_min(0)
+                seg = mark_ignored(seg, self.layout, self.cfg.ignore_outside)
+                if self.slices:
+                    image, seg = image[:, :, 0], seg[:, :, 0]
                 loss = self.train_step(image, seg, lrs[j], prox, proximal_mu)
                 loss_sum += loss
                 since_report += loss
@@ -621,11 +578,11 @@ def train_local(
         )
         if stop < iterations:
             save_bundle(snapshot_dir(out_dir, stop), plan, ds, result.weights,
-                        BundleInfo(config=cfg.config, trained_iterations=stop, note=note))
+                        BundleInfo(config=trainer.config_name, trained_iterations=stop, note=note))
     tbar.close()
     assert result is not None
     save_bundle(
         out_dir, plan, ds, result.weights,
-        BundleInfo(config=cfg.config, trained_iterations=trainer.iteration, note=note),
+        BundleInfo(config=trainer.config_name, trained_iterations=trainer.iteration, note=note),
     )
     return result

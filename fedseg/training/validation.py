@@ -16,7 +16,7 @@ import torch
 
 from fedseg.planning.plan import Plan
 from fedseg.training.evaluate import case_metrics, label_groups
-from fedseg.training.predict import predict_logits
+from fedseg.training.predict import predict_logits, segment
 from fedseg.training.preprocess import PreprocessedDataset
 
 
@@ -26,15 +26,14 @@ def evaluate_cases(
     dataset: PreprocessedDataset,
     case_ids: list[str],
     device: torch.device,
-    config: str = "3d_fullres",
+    config: str | None = None,
     mirror_tta: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """(mean Dice per class, mean HD95 per class, seconds) over ``case_ids``."""
     t0 = time.monotonic()
     cfg = plan.config(config)
     groups = label_groups(plan.labels)
-    values = sorted({v for vs in groups.values() for v in vs} | {0})
-    lut = np.asarray(values, dtype=np.int16)
+    layout = plan.layout
     net.eval()
     dice: dict[str, list[float]] = {k: [] for k in groups}
     hd: dict[str, list[float]] = {k: [] for k in groups}
@@ -42,9 +41,9 @@ def evaluate_cases(
         for cid in case_ids:
             data, seg, props = dataset.load(cid, mmap=False)
             logits = predict_logits(data, net, cfg.patch_size, device, mirror_tta=mirror_tta)
-            pred = lut[logits.argmax(0).cpu().numpy()]
+            pred = segment(logits, layout)
             ref = np.where(seg[0] < 0, 0, seg[0])
-            m = case_metrics(pred, ref, props.target_spacing, groups)
+            m = case_metrics(pred, ref, props.target_spacing, groups, layout.ignore_label)
             for k, r in m.items():
                 if not math.isnan(r["Dice"]):
                     dice[k].append(r["Dice"])
