@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.data.header_check import check_nifti_image
 from fedseg.data.io.base import (
     ImageIO,
     LoadedImage,
@@ -18,7 +19,6 @@ from fedseg.data.io.base import (
     open_check,
     unreadable,
 )
-from fedseg.data.header_check import check_nifti_image
 from fedseg.errors import FedsegError
 
 
