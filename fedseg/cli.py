@@ -1,7 +1,8 @@
 """``fedseg``: the command line of one site's pipeline (and, later, the federation simulator).
 
 Sub-commands map one-to-one onto the data flow: ``demo-data`` → ``check-data`` → ``plan`` →
-``train`` → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation on loopback.
+``train`` → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation on loopback;
+``report`` redraws a run folder's report.
 Heavy imports (torch, MONAI) happen inside each command so that ``fedseg --help`` and
 ``check-data`` start quickly. Every :class:`FedsegError` ends as one line on stderr and exit
 code 2 — a user never sees a traceback for a mistake they can fix.
@@ -114,6 +115,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
              "per_site_metrics": args.per_site_metrics == "on"}
     if args.aggregation == "fedprox":
         extra["proximal_mu"] = args.mu
+    if args.tensorboard:
+        from fedseg.server.tracking import require
+
+        require("--tensorboard")  # before any process starts
+        extra["tensorboard"] = True
     if args.job_config:
         extra.update(job_overrides(Path(args.job_config)))
     simulate(
@@ -123,6 +129,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, timeout=args.timeout, extra=extra,
         sites_per_worker=args.sites_per_worker,
     )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedseg.server.report import write_reports
+
+    md, page = write_reports(Path(args.run_dir))
+    print(f"report written: {page} (one file, figure inline), {md}, {md.parent / 'plots.png'}")
+    if args.tensorboard:
+        from fedseg.server.tracking import require, write_all
+
+        require("--tensorboard")
+        print(f"TensorBoard event files: {write_all(Path(args.run_dir))} "
+              f"(tensorboard --logdir {args.run_dir})")
     return 0
 
 
@@ -245,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job-config", metavar="TOML",
                    help="more job settings, as the [job] table of server.toml (e.g. "
                    "site_momentum, [job.aggregation]); they override the flags above")
+    s.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/run/tensorboard/ (the job "
+                   "setting tensorboard = true; needs pip install 'fedseg[tracking]')")
     s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("report", help="(re)draw a run's report: report.html (self-contained), "
+                                      "report.md, plots.png")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds metrics.jsonl)")
+    s.add_argument("--tensorboard", action="store_true",
+                   help="also (re)write TensorBoard event files to RUN_DIR/tensorboard/")
+    s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("provision", help="create the consortium CA, server certificate, site "
                                          "identity keys, app-signing key and roster")

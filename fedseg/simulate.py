@@ -43,6 +43,7 @@ from fedseg.runtime.processes import (
     write_flwr_connection,
 )
 from fedseg.runtime.supernode import launcher_argv
+from fedseg.server import tracking
 from fedseg.server.config import JobConfig
 from fedseg.server.rundir import RunDir
 from fedseg.training.test_split import has_test_split
@@ -317,7 +318,19 @@ LS_EVERY_S = 30.0
 
 
 def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool = False) -> str:
-    """Print progress until the run finishes; returns Flower's final status string."""
+    """Print progress until the run finishes; returns Flower's final status string. With
+    ``tensorboard = true`` in the run's job.json the records also go to TensorBoard event
+    files as they arrive (``server/tracking.py``: here, not in the ServerApp)."""
+    tb = tracking.TensorBoardLog(run.root) if tracking.wanted(run.root) else None
+    try:
+        return _follow(fed, run_id, run, timeout, quiet, tb)
+    finally:
+        if tb is not None:
+            tb.close()
+
+
+def _follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool,
+            tb: tracking.TensorBoardLog | None) -> str:
     deadline = time.monotonic() + timeout
     next_ls = time.monotonic() + LS_EVERY_S
     last = ""
@@ -326,6 +339,8 @@ def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: boo
         st = run.status()
         recs = run.read_metrics()
         for r in recs[seen:]:
+            if tb is not None:
+                tb.add(r)
             if r.get("site") == "pooled" and not quiet:
                 if r.get("phase") == "eval":
                     print(f"  eval after round {r['round']}: pooled mean Dice "
@@ -423,7 +438,26 @@ def simulate(
     tested = [d for d in site_dirs if has_test_split(d)]
     if tested and score_test:
         summary["test"] = score_test_splits(run, tested, device)
+    print(report_summary(run.root, table=not (tested and score_test)), flush=True)
     return summary
+
+
+def report_summary(root: Path, table: bool = True) -> str:
+    """Redraw the run's report (now with the test scores, when there are any) and say where it
+    is; ``table``: also the per-class, per-site final table (``fedseg-server start``, or a
+    simulation whose sites have no test split: the last round's validation)."""
+    from fedseg.server import report_data
+    from fedseg.server.report import write_reports
+    from fedseg.server.report_tables import console_summary, findings
+
+    _, page = write_reports(root)
+    data = report_data.load(root)
+    if table:
+        text = console_summary(data)
+    else:  # the test table is printed already: only what a reader must not miss
+        text = "\n".join(f"! {f}" for f in findings(data))
+    head = "" if not text else "\n" + text + "\n"
+    return f"{head}report: {page} (and report.md, plots.png); redraw: fedseg report {root}"
 
 
 def score_test_splits(run: RunDir, sites: list[Path], device: str) -> dict:

@@ -141,7 +141,7 @@ def test_site_killed_mid_round_rejoins_and_nan_update_is_rejected(tmp_path: Path
     final = [r for r in recs if r["phase"] == "eval" and r["round"] == 4]
     assert {r["site"] for r in final} == {"siteA", "siteB", "siteC", "pooled"}
     report = (run_dir / "report.md").read_text()
-    assert "siteB: rejected" in report and "siteC: dropped" in report
+    assert "| siteB | rejected |" in report and "| siteC | dropped |" in report
 
 
 # ------------------------------------------------------------------------------------------

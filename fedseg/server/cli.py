@@ -317,6 +317,9 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
             raise FedsegError(f"run ended '{status}': {st.get('error', 'see ' + str(state / 'logs'))}"
                               f"; after fixing the cause: fedseg-server resume {job.run_dir}")
         print(f"fedseg-server: done; model bundle in {Path(job.run_dir) / 'model'}")
+        from fedseg.simulate import report_summary  # the per-class, per-site final table
+
+        print(report_summary(Path(job.run_dir)), flush=True)
         return 0
     except KeyboardInterrupt:
         fed.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedseg.config_io import load_toml  # noqa: F401  (re-export)
 from fedseg.privacy.dp import DPSettings
@@ -105,6 +105,20 @@ class JobConfig(BaseModel):
         description="[job.dp] differential privacy, off by default: enabled, clip_norm (L2 "
         "bound of each site's update), noise_multiplier or target_epsilon, delta; each pooled "
         "train record then logs dp_epsilon and dp_sigma (fedseg/privacy/dp.py)")
+
+    tensorboard: bool = Field(
+        default=False,
+        description="also write TensorBoard event files to RUN_DIR/tensorboard/ (one run per "
+        "site and pooled; needs the optional extra: pip install 'fedseg[tracking]')")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, on: bool) -> bool:
+        from fedseg.server import tracking
+
+        if on and not tracking.available():  # refused with the config, not rounds later
+            raise ValueError(tracking.MISSING)
+        return on
 
     @model_validator(mode="after")
     def _dp_reachable(self) -> JobConfig:

@@ -1,80 +1,81 @@
-"""Plots and a short report of a federated run, from ``metrics.jsonl`` alone.
+"""The run report: ``report.html`` (one self-contained file), ``report.md`` and ``plots.png``,
+from the run folder alone.
 
-Reading only the metrics file (not the job's memory) means a report can be redrawn for any run,
-also a crashed one, with ``fedseg report RUN_DIR``.
+Reading only the run folder (``metrics.jsonl``, ``plan.json``, ``job.json``, ``status.json``,
+``test_scores.json``), not the job's memory, means a report can be redrawn for any run, also a
+crashed or a running one, with ``fedseg report RUN_DIR``. The job writes it when it exports the
+model; ``fedseg simulate`` writes it again once the test cases are scored, so that the final
+table is on cases no model trained on. What is read: :mod:`report_data`; the tables:
+:mod:`report_tables`; the figure: :mod:`report_plots`; the page: :mod:`report_html`.
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
+import os
 from pathlib import Path
 
+from fedseg.errors import FedsegError
+from fedseg.server import report_data
+from fedseg.server.report_html import GLOSSARY, render_html
+from fedseg.server.report_plots import write_png
+from fedseg.server.report_tables import (
+    final_table,
+    findings,
+    loss_table,
+    round_tables,
+    settings_table,
+    to_markdown,
+    trouble_table,
+)
 from fedseg.server.rundir import RunDir
 
 
-def _series(records: list[dict], phase: str, key: str) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in records:
-        if r.get("phase") == phase and key in r and r.get("status", "ok") == "ok":
-            v = r[key]
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                out[r["site"]].append((int(r["round"]), float(v)))
-    return out
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def render_markdown(data: report_data.RunData) -> str:
+    lines = [f"# fedseg run `{data.name}`", "",
+             f"{data.status.get('state', '?')}, round {data.status.get('round', '?')} of "
+             f"{data.status.get('rounds', '?')}; sites: {', '.join(data.sites) or '-'}; "
+             f"classes: {', '.join(n for _, n in data.classes) or '-'}. "
+             "The same report with the figure inline: `report.html`.", ""]
+    found = findings(data)
+    if found:
+        lines += ["**Look at:**", "", *[f"- {f}" for f in found], ""]
+    ft = final_table(data)
+    lines.append(to_markdown(ft) if ft else "## Final result\n\nno evaluation was logged yet\n")
+    glossary = GLOSSARY.replace("<b>", "**").replace("</b>", "**").replace("<i>", "*") \
+        .replace("</i>", "*")
+    lines += [glossary, "", "## Per round", "",
+              "![Dice and HD95 per class and site, mean Dice, loss](plots.png)", ""]
+    lines += [to_markdown(t) for t in round_tables(data)]
+    lt = loss_table(data)
+    if lt is not None:
+        lines.append(to_markdown(lt))
+    lines += [to_markdown(settings_table(data)), to_markdown(trouble_table(data))]
+    lines += ["Files: `plan.json`, `job.json`, `metrics.jsonl`, `test_scores.json` (when scored), "
+              "`checkpoints/last.npz`, `checkpoints/best.npz`, `model/` (use with `fedseg predict "
+              "--model`). Redraw with `fedseg report RUN_DIR`.", ""]
+    return "\n".join(lines)
+
+
+def write_reports(root: str | Path) -> tuple[Path, Path]:
+    """(report.md, report.html) of the run folder ``root``, with ``plots.png`` beside them."""
+    root = Path(root)
+    if not (root / "metrics.jsonl").is_file():
+        raise FedsegError(f"{root}: no metrics.jsonl; give a run folder (RUN_DIR, e.g. "
+                          "WORK/run of fedseg simulate, or the job's run_dir)")
+    data = report_data.load(root)
+    png = write_png(data, root / "plots.png")
+    md, page = root / "report.md", root / "report.html"
+    _atomic(md, render_markdown(data))
+    _atomic(page, render_html(data, png))
+    return md, page
 
 
 def write_report(run: RunDir) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = run.read_metrics()
-    dice = _series(recs, "eval", "mean_dice")
-    loss = _series(recs, "train", "loss")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for site, pts in sorted(dice.items()):
-        pts = sorted(dict(pts).items())
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                     lw=2.5 if site == "pooled" else 1.2, label=site)
-    axes[0].set(title="global model: mean Dice (foreground classes)", xlabel="after round",
-                ylabel="Dice", ylim=(0, 1))
-    for site, pts in sorted(loss.items()):
-        pts = sorted(dict(pts).items())
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker=".",
-                     lw=2.5 if site == "pooled" else 1.2, label=site)
-    axes[1].set(title="local training loss (Dice+CE)", xlabel="round", ylabel="loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = run.root / "plots.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-    pooled = sorted(dict(dice.get("pooled", [])).items())
-    drops = [r for r in recs if r.get("status") in ("dropped", "rejected", "refused")]
-    lines = [
-        f"# fedseg run `{run.root.name}`",
-        "",
-        "![Dice and loss per round](plots.png)",
-        "",
-        "## Global model, pooled mean Dice after each evaluated round",
-        "",
-        "| round | Dice |",
-        "|---|---|",
-        *[f"| {r} | {d:.4f} |" for r, d in pooled],
-        "",
-        f"## Dropped or rejected messages: {len(drops)}",
-        "",
-        *[f"- round {r.get('round', '-')}, {r.get('site', r.get('node'))}: {r['status']} "
-          f"({r.get('reason', '')})" for r in drops],
-        "",
-        "Files: `plan.json`, `metrics.jsonl`, `checkpoints/last.npz`, `checkpoints/best.npz`, "
-        "`model/` (use with `fedseg predict --model`).",
-        "",
-    ]
-    md = run.root / "report.md"
-    md.write_text("\n".join(lines))
-    return md
+    """The job's call at export: writes every form of the report; returns ``report.md``."""
+    return write_reports(run.root)[0]
