@@ -331,10 +331,14 @@ def follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: boo
 
 def _follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bool,
             tb: tracking.TensorBoardLog | None) -> str:
+    from fedseg.runtime.appwatch import ServerAppWatch
+
     deadline = time.monotonic() + timeout
     next_ls = time.monotonic() + LS_EVERY_S
     last = ""
     seen = 0
+    # a killed ServerApp is a zombie that Flower still calls running: noticed in seconds
+    watch = ServerAppWatch(fed.superlink.pid if fed.superlink is not None else None)
     while time.monotonic() < deadline:
         st = run.status()
         recs = run.read_metrics()
@@ -368,6 +372,17 @@ def _follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bo
             next_ls = now + (2.0 if st.get("state") in ("finished", "failed") else LS_EVERY_S)
         if fed.superlink is not None and fed.superlink.poll() is not None:
             raise FedsegError(f"the SuperLink exited; see {fed.superlink.log_path}")
+        why = watch.check()
+        if why is not None and run.status().get("state") not in ("finished", "failed"):
+            why = f"{why} ({fed.superlink.log_path if fed.superlink else 'no log'})"
+            try:  # status.json must not keep saying "running"
+                run.set_status(state="failed", error=why)
+            except OSError:
+                pass
+            status = fed.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            raise FedsegError(why)
         time.sleep(1.0)
     raise FedsegError(f"the run did not finish within {timeout:.0f} s; see {run.root}")
 

@@ -3,7 +3,10 @@
 Validates the site's dataset first (a site with bad data never joins: nothing gets trained on
 it), then supervises ``flower-supernode`` with the site's node config (site name, data dir,
 cache dir, device, GPU memory). If the SuperNode exits — the server restarted, the network
-dropped — it is started again after a pause, so the site rejoins without anyone at the site.
+dropped — it is started again after a pause, so the site rejoins without anyone at the site; so
+is a SuperNode that runs but has had no successful contact with the server for
+``stall_timeout_s`` (hung: :mod:`fedseg.runtime.contact`), and both the SuperNode and the
+site worker when the worker dies (the server then learns at once that the task it held failed).
 
 Secure by default, from ONE folder ``pki`` (the ``fedseg provision`` folder, or just the three
 files a site receives: ``ca.pem``, ``roster.json`` and its ``identity.key``): TLS verified
@@ -28,10 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedseg.client.worker import worker_argv
 from fedseg.config_io import load_toml
 from fedseg.errors import FedsegError, first_error, run_cli
+from fedseg.runtime.contact import CONTACT_ENV, ContactWatch
 from fedseg.runtime.processes import ManagedProcess, flower_env, free_port, supernode_argv
 from fedseg.runtime.supernode import launcher_argv
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Flower's node heartbeat comes every ~20 s even while a long task runs, and the SuperLink counts
+# a node gone after two missed ones (~60 s): 3 minutes of silence is a hung SuperNode, not a slow
+# round, and a restart then loses nothing the server had not already given up
+STALL_TIMEOUT_S = 180.0
 
 
 class ClientConfig(BaseModel):
@@ -76,6 +84,9 @@ class ClientConfig(BaseModel):
         "fresh process per message")
     restart_delay_s: float = Field(default=5.0, ge=0)
     max_restarts: int = Field(default=-1, description="-1: forever")
+    stall_timeout_s: float = Field(
+        default=STALL_TIMEOUT_S, ge=0, description="restart a SuperNode that has had no "
+        "successful contact with the server for this long although it runs (hung); 0: never")
 
 
 PATH_FIELDS = ("data_dir", "cache_dir", "pki", "root_certificates", "auth_private_key",
@@ -83,7 +94,7 @@ PATH_FIELDS = ("data_dir", "cache_dir", "pki", "root_certificates", "auth_privat
 FLAG_FIELDS = ("site", "data_dir", "server", "cache_dir", "device", "gpu_memory_gb", "pki",
                "root_certificates", "auth_private_key", "identity_key", "roster",
                "trusted_entities", "require_signed_apps", "require_secure_aggregation", "site_worker",
-               "runtime_port", "restart_delay_s", "max_restarts")
+               "runtime_port", "restart_delay_s", "max_restarts", "stall_timeout_s")
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
@@ -249,11 +260,16 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
     )
     env = flower_env(cache / ".flwr")
     worker = None
-    if cfg.site_worker:  # Flower's SuperNode (shorter polls) + fedseg's worker: client/worker.py
-        argv = [*launcher_argv(argv), "--isolation", "process"]
+    argv = launcher_argv(argv)  # Flower's SuperNode, shorter polls, contacts recorded
+    if cfg.site_worker:  # + fedseg's worker: client/worker.py
+        argv = [*argv, "--isolation", "process"]
         worker = ManagedProcess(f"worker-{cfg.site}", worker_argv(f"127.0.0.1:{runtime_port}"),
-                                cache / "logs" / "worker.log", env)
-    proc = ManagedProcess(f"supernode-{cfg.site}", argv, cache / "logs" / "supernode.log", env)
+                                cache / "logs" / "worker.log", env, die_with_parent=True)
+    contact = cache / "logs" / "supernode.contact"
+    watch = ContactWatch(contact, cfg.stall_timeout_s)
+    # die_with_parent: a SIGKILL of fedseg-client leaves no SuperNode or worker behind
+    proc = ManagedProcess(f"supernode-{cfg.site}", argv, cache / "logs" / "supernode.log",
+                          {**env, CONTACT_ENV: str(contact)}, die_with_parent=True)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -270,17 +286,29 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
     print(f"fedseg-client: site '{cfg.site}' data OK; connecting to {cfg.server} ({checks}; "
           f"log: {proc.log_path})", flush=True)
     proc.start()
+    watch.restart()
     if worker is not None:
         worker.start()
     try:
         while not stopping:
             time.sleep(0.5)
             if worker is not None and worker.poll() is not None and not stopping:
-                # nothing is lost (the site's state is on disk); the SuperNode keeps the message
-                print(f"fedseg-client: site worker exited ({worker.poll()}); restarting it "
-                      f"(log: {worker.log_path})", file=sys.stderr, flush=True)
+                # the site's state is on disk; but a task the worker held would be answered
+                # only when Flower's task heartbeat expires (>= 60 s, never for one taken but
+                # not yet pulled), so the SuperNode is restarted too: it leaves gracefully and
+                # the server gets NODE_UNAVAILABLE for that task at once (fails fast)
+                print(f"fedseg-client: site worker exited ({worker.poll()}); restarting it and "
+                      f"the SuperNode (log: {worker.log_path})", file=sys.stderr, flush=True)
                 worker.stop(timeout=2)
                 worker.start()
+                proc.stop(timeout=10)
+            silent = watch.silent_for() if proc.poll() is None else None
+            if silent is not None:
+                print(f"fedseg-client: the SuperNode had no contact with {cfg.server} for "
+                      f"{silent:.0f} s although it runs (hung?); restarting it "
+                      f"(stall_timeout_s = {cfg.stall_timeout_s:g})", file=sys.stderr, flush=True)
+                proc.signal_group(signal.SIGCONT)  # a stopped process cannot take SIGTERM
+                proc.stop(timeout=5)
             code = proc.poll()
             if code is None:
                 continue
@@ -296,6 +324,7 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
             if not stopping:
                 proc.stop(timeout=2)  # what is left of the old SuperNode's process group
                 proc.start()
+                watch.restart()
     finally:
         proc.stop(timeout=5)
         if worker is not None:
@@ -334,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a SuperNode that exited is started again")
     p.add_argument("--max-restarts", type=int, help="SuperNode restarts before giving up (-1: "
                    "forever)")
+    p.add_argument("--stall-timeout-s", type=float,
+                   help="restart a running SuperNode after this many seconds without a "
+                   f"successful contact with the server (default {STALL_TIMEOUT_S:g}; 0: never)")
     return p
 
 

@@ -196,6 +196,7 @@ def run_task(runtime_address: str, token: str, shared: bool = False) -> None:
     try:
         message, context, _run, fab = pull_task_input(client)
         t_pulled = time.monotonic()
+        _fault_hold(message.metadata.message_type)
         _check_fab(fab.content)
         reply = client_app(message=message, context=context)
         t_ran = time.monotonic()
@@ -226,6 +227,22 @@ def run_task(runtime_address: str, token: str, shared: bool = False) -> None:
     if sub_status == SubStatus.COMPLETED and t_done is not None:
         print(f"[fedseg-worker] {time.strftime('%H:%M:%S')} {kind}: pull {t_pulled - t0:.2f} s, "
               f"run {t_ran - t_pulled:.2f} s, reply {t_done - t_ran:.2f} s", flush=True)
+
+
+FAULT_HOLD_ENV = "FEDSEG_FAULT_HOLD"
+
+
+def _fault_hold(message_type: str) -> None:
+    """Test-only (OFF unless set, like ``FEDSEG_FAULT_INJECT`` in client/app.py):
+    ``FEDSEG_FAULT_HOLD=TYPE:SECONDS`` makes the worker sit on a task of that message type
+    (e.g. ``query.fingerprint:120``) after taking it, so that a test can kill the worker while it
+    provably holds a task (tests/test_adversarial_process.py). Nothing sets it outside tests."""
+    spec = os.environ.get(FAULT_HOLD_ENV, "")
+    kind, _, seconds = spec.partition(":")
+    if kind and kind == message_type:
+        print(f"[fedseg-worker] {FAULT_HOLD_ENV}: holding the {kind} task for {seconds} s",
+              flush=True)
+        time.sleep(float(seconds or 60))
 
 
 @dataclass
@@ -325,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                     "several simulated sites, asked in turn (fedseg simulate --sites-per-worker)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    from fedseg.client import redact
+
+    redact.install()  # no bulk-transfer token reaches worker.log (client/redact.py)
     from fedseg.runtime.flower_latency import fast_object_pulls
 
     fast_object_pulls()  # the task's arrays: retry after 50 ms, not 1-2-4-8 s (see that module)

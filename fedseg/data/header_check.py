@@ -71,6 +71,7 @@ def check_nifti_image(path: Path, img: object) -> None:
 
 
 def _lie(path: Path, shape: tuple[int, ...], need: int, why: str) -> FedsegError:
+    size = f"{need / 2**20:.0f} MiB" if need >= 2**20 else f"{need} bytes"
     return FedsegError(
-        f"{path}: header claims {need / 2**20:.0f} MiB of voxels (shape {tuple(shape)}) but "
-        f"{why}; the file is truncated or its header is corrupt: re-export it from the source")
+        f"{path}: unreadable or truncated NIfTI (its header claims {size} of voxels, shape "
+        f"{tuple(shape)}, but {why}); re-export the file from the source")

@@ -275,6 +275,9 @@ def _prepare_out(out: Path, force: bool) -> None:
             elif p.exists() or p.is_symlink():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # it holds the CA's and the sites' private keys: owner only, whatever the umask (mkdir's
+    # mode is masked by it, and under umask 000 the folder came out 0777)
+    os.chmod(out, 0o700)
 
 
 # --------------------------------------------------------------------------- public API

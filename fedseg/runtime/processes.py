@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedseg.errors import FedsegError
@@ -60,6 +60,38 @@ def wait_for_port(host: str, port: int, timeout: float, proc: ManagedProcess | N
     raise FedsegError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def parent_death_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to send ``sig`` to the child when its parent dies.
+
+    Why: the children of ``fedseg-server`` (SuperLink, and through it SuperExec and ServerApp,
+    which exit when their own parent goes: Flower's ``--parent-pid`` monitors) run in their
+    own sessions so that they can be stopped as groups; a SIGKILL of the supervisor used to
+    leave them running and listening on the SuperLink's port. ``prctl(PR_SET_PDEATHSIG)``
+    survives ``exec``; the check of ``getppid`` covers a parent that died before the call.
+    None where there is no prctl (not Linux): the pid-file clean-up of ``fedseg-server
+    resume/stop`` is the fallback there. The libc function is looked up here, in the parent,
+    so the child runs no import between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent is already gone: do what the signal would
+            os.kill(os.getpid(), int(sig))
+
+    return preexec
+
+
 class ManagedProcess:
     """A child process in its own process group, logging to a file, always stoppable."""
 
@@ -70,12 +102,17 @@ class ManagedProcess:
         log_path: Path,
         env: Mapping[str, str],
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env)
         self.cwd = cwd
+        # SIGTERM to the child when THIS process dies, even by SIGKILL (Linux; see
+        # parent_death_preexec): a supervisor that is killed leaves nothing listening. Only for
+        # children started from the main thread (the signal follows the forking THREAD's exit).
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ManagedProcess:
@@ -93,6 +130,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=parent_death_preexec() if self.die_with_parent else None,
             )
         except FileNotFoundError:
             raise FedsegError(

@@ -40,10 +40,20 @@ def main(grid: Grid, context: Context) -> None:
         FederatedJob(grid, cfg, log=_log, run_id=int(context.run_id)).run_job()
     except FedsegError as err:
         _log(f"job failed: {err}")
-        run.set_status(state="failed", error=str(err))
-        run.log({"phase": "job", "status": "failed", "reason": str(err)})
+        _record_failure(run, str(err))
         raise SystemExit(1) from None
     except Exception as err:  # keep the reason where the operator looks (status.json)
-        run.set_status(state="failed", error=f"internal error: {err!r}")
         traceback.print_exc(file=sys.stdout)
+        _record_failure(run, f"internal error: {err!r}")
         raise
+
+
+def _record_failure(run: RunDir, reason: str) -> None:
+    """status.json and metrics.jsonl get the reason; when the run folder itself is what failed
+    (read-only, full) the reason still reaches this process's log, and ``fedseg-server`` names
+    the folder (``rundir.write_problem``) instead of reporting a failure without a reason."""
+    try:
+        run.set_status(state="failed", error=reason)
+        run.log({"phase": "job", "status": "failed", "reason": reason})
+    except OSError as err:
+        _log(f"job failed: {reason}; it could not be recorded in {run.root}: {err}")

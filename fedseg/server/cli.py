@@ -54,7 +54,8 @@ from fedseg.runtime.processes import (
     write_flwr_connection,
 )
 from fedseg.server.config import ServerConfig, load_toml
-from fedseg.server.rundir import RunDir
+from fedseg.server.orphans import orphan_note, stop_orphans
+from fedseg.server.rundir import RunDir, write_problem
 
 if TYPE_CHECKING:
     from fedseg.privacy.provision import Roster
@@ -176,6 +177,26 @@ def _running_server(state: Path) -> int | None:
     return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
+def _refuse_unwritable(run_dir: str, source: str) -> None:
+    """One line before anything starts when the run folder cannot take the run's files; its
+    status.json (when that file still takes a write) says so instead of "running"."""
+    run = RunDir(run_dir, create=False)
+    try:
+        if not run.root.is_dir():
+            run.root.mkdir(parents=True)
+        problem = write_problem(run.root)
+    except OSError as err:
+        problem = f"{run.root}: cannot create the run folder ({err.strerror or err})"
+    if problem is None:
+        return
+    if run.status().get("state") == "running":
+        try:
+            run.set_status(state="failed", error=problem)
+        except OSError:
+            pass
+    raise FedsegError(f"{source}: [job] field 'run_dir': {problem}")
+
+
 def _check_free(host: str, port: int, what: str) -> None:
     """Fail in one line, before anything starts, if ``host:port`` cannot be listened on."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -225,15 +246,17 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
     if cfg.superlink_port == cfg.port:
         raise FedsegError(f"{source}: field 'superlink_port': {cfg.port} is the public port "
                           "(the fleet proxy's); the SuperLink needs another one")
-    _check_free(cfg.host, cfg.port, f"{source}: field 'port'")
-    if cfg.superlink_port:
-        _check_free(SUPERLINK_HOST, cfg.superlink_port, f"{source}: field 'superlink_port'")
     state = Path(cfg.state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
     other = _running_server(state)
     if other is not None:
         raise FedsegError(f"a fedseg-server (pid {other}) is already running for {state}; "
                           f"stop it first: fedseg-server stop {cfg.job.run_dir}")
+    stop_orphans(state, say=lambda line: print(line, flush=True))  # it would hold the port
+    _refuse_unwritable(cfg.job.run_dir, source)
+    _check_free(cfg.host, cfg.port, f"{source}: field 'port'")
+    if cfg.superlink_port:
+        _check_free(SUPERLINK_HOST, cfg.superlink_port, f"{source}: field 'superlink_port'")
+    state.mkdir(parents=True, exist_ok=True)
     job = cfg.job.model_copy(update={"resume": resume or cfg.job.resume})
     if not job.job_id:
         job.job_id = Path(job.run_dir).name
@@ -269,6 +292,7 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
                        insecure=ssl is None, ssl=ssl, enable_auth=ssl is not None),
         state / "logs" / "superlink.log",
         {**fed.env, **(superlink_registry_env(registry) if registry else {})}, cwd=state,
+        die_with_parent=True,  # a SIGKILL of this process stops it (and so SuperExec, ServerApp)
     )
     proxy: FleetProxy | None = None
     handler = _proxy_log(state / "logs" / "fleet-proxy.log")
@@ -314,7 +338,14 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
         status = follow(fed, run_id, run, timeout)
         st = run.status()
         if status != "finished:completed" or st.get("state") != "finished":
-            raise FedsegError(f"run ended '{status}': {st.get('error', 'see ' + str(state / 'logs'))}"
+            why = (st.get("error") or write_problem(run.root)
+                   or f"the ServerApp gave no reason; see {state / 'logs' / 'superlink.log'}")
+            if st.get("state") == "running":  # the ServerApp could not say it ended
+                try:
+                    run.set_status(state="failed", error=why)
+                except OSError:
+                    pass
+            raise FedsegError(f"run ended '{status}': {why}"
                               f"; after fixing the cause: fedseg-server resume {job.run_dir}")
         print(f"fedseg-server: done; model bundle in {Path(job.run_dir) / 'model'}")
         from fedseg.simulate import report_summary  # the per-class, per-site final table
@@ -342,6 +373,7 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
 
 def _cmd_start(args: argparse.Namespace) -> int:
     cfg = load_server_config(args.config)
+    _refuse_unwritable(cfg.job.run_dir, str(args.config))
     run = RunDir(cfg.job.run_dir)
     if run.checkpoint_path("last").exists():
         st = run.status()
@@ -369,7 +401,7 @@ def _saved_config(run_dir: str) -> tuple[ServerConfig, Path]:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     cfg, saved = _saved_config(args.run_dir)
-    run = RunDir(cfg.job.run_dir)
+    run = RunDir(cfg.job.run_dir, create=False)  # serve() checks that it takes files
     st = run.status()
     if st.get("state") == "finished":
         raise FedsegError(f"{args.run_dir}: the job already finished ({st.get('round')} rounds); "
@@ -380,15 +412,20 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    run = RunDir(args.run_dir) if Path(args.run_dir).is_dir() else None
+    run = RunDir(args.run_dir, create=False) if Path(args.run_dir).is_dir() else None
     st = run.status() if run else {}
     if not st:
         raise FedsegError(f"{args.run_dir}: no status.json; not a fedseg run folder")
-    if st.get("state") == "running" and (Path(args.run_dir) / "server.json").is_file():
+    if (Path(args.run_dir) / "server.json").is_file():
         cfg, _ = _saved_config(args.run_dir)
-        if _running_server(Path(cfg.state_dir)) is None:
+        state = Path(cfg.state_dir).resolve()
+        live = _running_server(state) is not None
+        if st.get("state") == "running" and not live:
             st["state"] = "interrupted"
             st["hint"] = f"no fedseg-server is running; continue with: fedseg-server resume {args.run_dir}"
+            st["error"] = st.get("error") or write_problem(Path(args.run_dir))
+        if not live and (note := orphan_note(state)):  # what still listens tells the truth too
+            st["orphans"] = note
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -399,7 +436,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"{st.get('latest_eval_round', '?')})")
     if st.get("sites"):
         print(f"sites:  {', '.join(f'{k} ({v})' for k, v in sorted(st['sites'].items()))}")
-    for key in ("error", "hint"):
+    for key in ("error", "hint", "orphans"):
         if st.get(key):
             print(f"{key}:  {st[key]}")
     return 0
@@ -412,11 +449,15 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     else:
         state = Path(args.state_dir)
     pid_file = state / "server.pid"
-    if not pid_file.is_file():
-        raise FedsegError(f"{pid_file}: no running fedseg-server found for this state folder")
     pid = _running_server(state)
-    if pid is None:
+    if pid is None:  # a dead server: what it left running is stopped, its pid files removed
+        orphan = stop_orphans(state.resolve(), say=print)
+        existed = pid_file.is_file()
         pid_file.unlink(missing_ok=True)
+        if orphan is not None:
+            return 0
+        if not existed:
+            raise FedsegError(f"{pid_file}: no running fedseg-server found for this state folder")
         raise FedsegError(f"the fedseg-server of {state} is not running (stale {pid_file} removed)")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30

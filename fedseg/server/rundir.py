@@ -31,15 +31,41 @@ def snapshot_name(round_: int) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError:
+        # the folder refuses new files (read-only, full, permissions) while the file itself
+        # may still take a write: better a status written in place than one stuck at
+        # "running" (seen: a read-only run folder left status.json at "running", no reason)
+        if not path.is_file():
+            raise
+        path.write_text(text)
+        return
     os.replace(tmp, path)
 
 
+def write_problem(root: str | Path) -> str | None:
+    """Why ``root`` cannot take the run's files (one line), or None when it can. By creating
+    and removing a file, since permission bits say nothing for root or a read-only mount."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=root, prefix=".write-check-")
+    except OSError as err:
+        return (f"{root}: the run folder is not writable ({err.strerror or err}); fix its "
+                "permissions or mount, or give another run_dir")
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 class RunDir:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, create: bool = True) -> None:
+        """``create=False``: only look (a folder that may be read-only or missing)."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "checkpoints").mkdir(exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "checkpoints").mkdir(exist_ok=True)
 
     # -- files ---------------------------------------------------------------------------
     @property
