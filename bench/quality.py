@@ -109,6 +109,13 @@ def run_cmd(argv: list[str], log: Path, env: dict[str, str] | None = None) -> No
 # data views
 
 
+def trained_config(plan_path: Path):
+    """The configuration a plan trains (3d_fullres for 3D data, 2d for 2D images)."""
+    from fedseg.planning.plan import Plan
+
+    return Plan.load(plan_path).config()
+
+
 def site_dirs_of(data: list[Path]) -> list[Path]:
     if len(data) == 1 and not (data[0] / "dataset.json").is_file():
         sites = sorted(p for p in data[0].iterdir() if (p / "dataset.json").is_file())
@@ -204,11 +211,9 @@ def federate(work: Path, sites: list[Path], rounds: int, k: int, args, snapshot_
             "--job-config", str(job_file), "--timeout", "14400"]
     run_cmd(argv, work / "logs" / "federated.log")
     run = fed / "run"
-    plan = json.loads((run / "plan.json").read_text())
     return {"model": str(run / "model"), "run_dir": str(run), "rounds": rounds,
             "local_iterations": k, "job": json.loads((run / "job.json").read_text()),
-            "plan_data_identifier":
-            plan["configurations"]["3d_fullres"]["data_identifier"]}
+            "plan_data_identifier": trained_config(run / "plan.json").data_identifier}
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def compare(args: argparse.Namespace) -> dict:
     plan = work / "plan.json"
     steps.run("plan", run_cmd, [*FEDSEG, "plan", *map(str, sites), "--out", str(plan),
                                 "--preset", args.preset], work / "logs" / "plan.log")
-    batch = json.loads(plan.read_text())["configurations"]["3d_fullres"]["batch_size"]
+    batch = trained_config(plan).batch_size
     views = {s.name: work / "views" / s.name for s in sites}
     counts = {}
     for s in sites:
@@ -337,8 +342,7 @@ def compare(args: argparse.Namespace) -> dict:
             "secure_aggregation": args.secure_aggregation == "on",
             "job_config": Path(args.job_config).read_text() if args.job_config else "",
             "training_cases": counts,
-            "plan_data_identifier": json.loads(plan.read_text())["configurations"]["3d_fullres"][
-                "data_identifier"],
+            "plan_data_identifier": trained_config(plan).data_identifier,
             "federated_plan_data_identifier": fed_info["plan_data_identifier"] if fed_info else None,
         },
         "models": {n: {k2: (str(v) if isinstance(v, Path) else v) for k2, v in m.items()}

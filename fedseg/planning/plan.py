@@ -66,6 +66,16 @@ class ConfigurationPlan(BaseModel):
     batch_dice: bool
 
 
+def with_configuration(plan: Plan, name: str | None) -> Plan:
+    """``plan`` set to train configuration ``name`` (None: unchanged); the choice then travels
+    with the plan to every site. Refused where the plan has no such configuration (3d_fullres
+    for 2D data)."""
+    if name is None:
+        return plan
+    plan.config(name)  # one clear line if missing
+    return plan.model_copy(update={"configuration": name})
+
+
 class Plan(BaseModel):
     """A dataset-wide plan, made once per federation from the pooled fingerprint."""
 

@@ -52,6 +52,7 @@ voxel of the patch border, where label -1 becomes background anyway).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -300,11 +301,15 @@ def warp(
         spatial_size=tuple(patch_size), normalized=True, mode="bilinear", padding_mode="zeros",
         align_corners=True, reverse_indexing=False,
     )
-    img = tf(image.float(), theta)
-    # labels: channel 0 is "-1", so the argmax of an all-zero (outside) voxel is -1
-    # float32: the sampling grid is float32 and grid_sample needs matching dtypes
-    onehot = torch.stack([seg[:, 0] == v for v in range(-1, num_labels)], 1).float()
-    lab = tf(onehot, theta).argmax(1, keepdim=True) - 1
+    with warnings.catch_warnings():
+        # a 2d configuration's one-slice patches: torch warns that unit-size grids changed
+        # meaning in 1.3 — for a slice in and a slice out both meanings sample that slice
+        warnings.filterwarnings("ignore", message=".*unit-size grids.*")
+        img = tf(image.float(), theta)
+        # labels: channel 0 is "-1", so the argmax of an all-zero (outside) voxel is -1
+        # float32: the sampling grid is float32 and grid_sample needs matching dtypes
+        onehot = torch.stack([seg[:, 0] == v for v in range(-1, num_labels)], 1).float()
+        lab = tf(onehot, theta).argmax(1, keepdim=True) - 1
     return img, lab.to(seg.dtype)
 
 

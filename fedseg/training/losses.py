@@ -67,8 +67,10 @@ class RegionDiceBCELoss(torch.nn.Module):
         super().__init__()
         self.regions = [list(r) for r in regions]
         self.ignore_index = ignore_index
-        self.dice = MaskedDiceLoss(include_background=True, sigmoid=True, batch=batch_dice,
-                                   smooth_nr=1e-5, smooth_dr=1e-5)
+        kw = dict(include_background=True, sigmoid=True, batch=batch_dice, smooth_nr=1e-5,
+                  smooth_dr=1e-5)
+        # the masked variant only where there is a mask (it warns on every call without one)
+        self.dice = DiceLoss(**kw) if ignore_index is None else MaskedDiceLoss(**kw)
 
     def targets(self, target: torch.Tensor) -> torch.Tensor:
         t = target[:, 0]
