@@ -170,6 +170,8 @@ def test_html_report_has_per_class_per_site_table_and_inline_plot(sim: tuple[Pat
 
 def test_simulate_ends_with_the_report(sim: tuple[Path, str]) -> None:
     run, out = sim
+    evals = [r for r in RunDir(run).read_metrics() if r.get("phase") == "eval"]
+    assert evals and all(set(r["hd95_missing"]) == set(r["dice"]) for r in evals)  # counted
     assert f"report: {run / 'report.html'}" in out
     assert f"fedseg report {run}" in out
     for _, name in labels_of(run):  # the per-class, per-site test table
@@ -240,8 +242,9 @@ def test_tensorboard_without_the_package_is_one_line(monkeypatch: pytest.MonkeyP
 
 
 # ------------------------------------------------------------------ hand-written run folders
-def _run_folder(root: Path, test_missing: bool) -> Path:
-    """A finished 2-site run whose second class is never found; siteB dropped in round 2."""
+def _run_folder(root: Path, test_missing: bool, counted: bool = False) -> Path:
+    """A finished 2-site run whose second class is never found; siteB dropped in round 2;
+    ``counted``: the eval records count the cases without HD95, as the job logs them."""
     run = RunDir(root)
     (root / "plan.json").write_text(json.dumps({
         "dataset_name": "d", "labels": {"background": 0, "liver": 1, "tumour": 2},
@@ -262,7 +265,8 @@ def _run_folder(root: Path, test_missing: bool) -> Path:
                 continue
             run.log({"phase": "eval", "round": rnd, "site": site, "cases": 2,
                      "dice": {"1": 0.5 + 0.1 * rnd, "2": 0.0},
-                     "hd95": {"1": 9.0 - rnd, "2": float("nan")}, "mean_dice": 0.3})
+                     "hd95": {"1": 9.0 - rnd, "2": float("nan")}, "mean_dice": 0.3,
+                     **({"hd95_missing": {"1": 1, "2": 2}} if counted else {})})
     run.log({"phase": "train", "round": 2, "site": "siteB", "status": "dropped",
              "reason": "Flower error NODE_UNAVAILABLE: node lost"})
     if test_missing:
@@ -273,9 +277,11 @@ def _run_folder(root: Path, test_missing: bool) -> Path:
     return root
 
 
-@pytest.mark.parametrize("test_scores", [True, False])
-def test_undefined_hd95_is_missing_and_counted(tmp_path: Path, test_scores: bool) -> None:
-    root = _run_folder(tmp_path / "run", test_scores)
+@pytest.mark.parametrize(("test_scores", "counted"), [(True, False), (False, False),
+                                                     (False, True)])
+def test_undefined_hd95_is_missing_and_counted(tmp_path: Path, test_scores: bool,
+                                               counted: bool) -> None:
+    root = _run_folder(tmp_path / "run", test_scores, counted)
     _, page_path = write_reports(root)
     page = parse(page_path)
     head, *rows = page.tables["final"]
@@ -284,7 +290,11 @@ def test_undefined_hd95_is_missing_and_counted(tmp_path: Path, test_scores: bool
     assert by["siteA"]["Dice tumour"] == "0.000" and by["siteA"]["HD95 tumour (mm)"] == "missing"
     assert by["siteA"]["HD95 liver (mm)"] == ("3.00" if test_scores else "7.00")
     assert by["siteA"]["HD95 mean (mm)"] == by["siteA"]["HD95 liver (mm)"]  # not a diagonal
-    assert by["siteA"]["HD95 missing"] == ("2" if test_scores else "1")
+    assert by["siteA"]["HD95 missing"] == ("2" if test_scores else "3" if counted else "1")
+    if counted:  # cases left out of a site's validation HD95 mean are said per round
+        head, *rows = page.tables["rounds-0"]
+        assert rows[0][head.index("siteA HD95")] == "9.00 (1 missing)"
+        assert "HD95 missing: cases" in page_path.read_text()
     if test_scores:
         assert by["mean of sites"]["HD95 missing"] == "4"
     text = page_path.read_text()

@@ -238,9 +238,10 @@ def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
     net = load_network(plan, "3d_fullres", state, cfg.preprocessed_root).to(device)
     ds = PreprocessedDataset(cache_folder(cfg.preprocessed_root, plan))
-    dice, hd, secs = evaluate_cases(net, plan, ds, val, device)
+    missing: dict[str, int] = {}
+    dice, hd, secs = evaluate_cases(net, plan, ds, val, device, hd95_missing=missing)
     return pm.EvalReply(site=cfg.site, num_cases=len(val), dice_per_class=dice,
-                        hd95_per_class=hd, seconds=secs)
+                        hd95_per_class=hd, hd95_missing_per_class=missing, seconds=secs)
 
 
 class _TrainerCache:

@@ -258,6 +258,9 @@ class EvalReply(Msg):
     num_cases: int
     dice_per_class: dict[str, MaybeNaN]
     hd95_per_class: dict[str, MaybeNaN]
+    hd95_missing_per_class: dict[str, int] = Field(
+        default_factory=dict, description="cases whose HD95 is undefined (structure on one "
+        "side only; left out of the mean), per class: counted in the run report")
     loss: float | None = None
     seconds: float
     secagg: SecAggReplyPart | None = None

@@ -585,9 +585,15 @@ class FederatedJob:
             self.run.log({"phase": "eval", "round": after_round, "site": name,
                           "cases": e.num_cases, "dice": e.dice_per_class,
                           "hd95": e.hd95_per_class,
+                          **({"hd95_missing": e.hd95_missing_per_class}
+                             if e.hd95_missing_per_class else {}),
                           "mean_dice": float(np.mean(list(e.dice_per_class.values()))),
                           "seconds": e.seconds})
-        return self.record_pooled_eval(after_round, tot, pooled_dice, pooled_hd)
+        extra = {}  # undefined HD95s, counted in the report: when every site counted them
+        if evals and all(e.hd95_missing_per_class for _, e in evals):
+            extra["hd95_missing"] = {c: sum(e.hd95_missing_per_class.get(c, 0) for _, e in evals)
+                                     for c in classes}
+        return self.record_pooled_eval(after_round, tot, pooled_dice, pooled_hd, **extra)
 
     def record_pooled_eval(
         self, after_round: int, cases: int, dice: dict[str, float], hd95: dict[str, float],

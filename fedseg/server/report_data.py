@@ -39,12 +39,14 @@ def num(v: Any) -> float:
 @dataclass
 class Scores:
     """One site's (or the pool's) Dice and HD95 per class; ``missing``: per class, how many
-    cases (test scores) or whether the whole site (validation: 1) has no HD95."""
+    cases have no HD95 (``missing_cases``), or, from a job that did not count them, whether
+    the site's validation has none at all (1)."""
 
     cases: int | None
     dice: dict[str, float]
     hd95: dict[str, float]
     missing: dict[str, int] = field(default_factory=dict)
+    missing_cases: bool = True
 
     def mean_dice(self) -> float:
         vals = [v for v in self.dice.values() if not math.isnan(v)]
@@ -131,11 +133,12 @@ def _eval_scores(rec: dict[str, Any]) -> Scores:
     logged = rec.get("hd95_missing")  # per class, when the job logs case counts
     if isinstance(logged, dict):
         missing = {str(k): int(v or 0) for k, v in logged.items()}
-    else:  # a site whose validation cases have no HD95 for a class at all
+    else:  # an older job: a site whose validation cases have no HD95 for a class at all
         missing = {k: int(math.isnan(v) and not math.isnan(dice.get(k, math.nan)))
                    for k, v in hd.items()}
     cases = rec.get("cases")
-    return Scores(int(cases) if isinstance(cases, int) else None, dice, hd, missing)
+    return Scores(int(cases) if isinstance(cases, int) else None, dice, hd, missing,
+                  missing_cases=isinstance(logged, dict))
 
 
 def _test_table(scores: dict[str, Any], classes: list[str]) -> FinalTable:
@@ -291,7 +294,8 @@ def load(root: str | Path) -> RunData:
     sites = sorted({s for by_site in evals.values() for s in by_site if s != POOLED}
                    | {str(r["site"]) for r in recs if r.get("phase") == "enrol" and "site" in r})
     return RunData(
-        name=run.root.resolve().name if run.root.name in ("", ".") else run.root.name,
+        # the job's id (simulate's run folders are all called "run"), else the folder's name
+        name=str(job.get("job_id") or run.root.resolve().name),
         root=run.root, classes=classes, sites=sites, evals=evals,
         loss={k: sorted(dict(v).items()) for k, v in loss.items()},
         final=final_table(evals, test, [k for k, _ in classes]),

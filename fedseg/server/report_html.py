@@ -33,7 +33,7 @@ th,td{border:1px solid #d0d0d0;padding:3px 8px;text-align:right;white-space:nowr
 th{background:#f2f4f7}td:first-child,th:first-child{text-align:left}
 tr:nth-child(even) td{background:#fafbfc}
 td.missing{color:#b45309;font-style:italic}td.low{color:#b91c1c;font-weight:600}
-td.reason{text-align:left;white-space:normal}
+.reason{text-align:left;white-space:normal}th.reason{white-space:nowrap}
 .note{color:#555;font-size:.85em;max-width:1000px}
 .findings{background:#fff7ed;border:1px solid #fdba74;padding:.5em 1em;border-radius:4px}
 .ok{background:#f0fdf4;border:1px solid #86efac;padding:.5em 1em;border-radius:4px}
@@ -72,7 +72,8 @@ def table_html(t: Table, table_id: str = "") -> str:
         parts.append("<p>none</p>")
         return "\n".join(parts)
     parts.append(f'<div class="wide"><table{ident}><thead><tr>'
-                 + "".join(f"<th>{e(h)}</th>" for h in t.head) + "</tr></thead><tbody>")
+                 + "".join(f"<th{_cell_class(h, '') if h in ('reason', 'value') else ''}>"
+                           f"{e(h)}</th>" for h in t.head) + "</tr></thead><tbody>")
     for r in t.rows:
         parts.append("<tr>" + "".join(f"<td{_cell_class(h, c)}>{e(c)}</td>"
                                       for h, c in zip(t.head, r, strict=True)) + "</tr>")
@@ -93,7 +94,8 @@ def render_html(data: RunData, png: bytes) -> str:
         f'<p class="sub">{e(data.status.get("state", "?"))}, round '
         f'{e(str(data.status.get("round", "?")))} of {e(str(data.status.get("rounds", "?")))}; '
         f"sites: {e(', '.join(data.sites) or '-')}; classes: "
-        f"{e(', '.join(n for _, n in data.classes) or '-')}; report made {e(when)}</p>",
+        f"{e(', '.join(n for _, n in data.classes) or '-')}; run folder "
+        f"<code>{e(str(data.root.resolve()))}</code>; report made {e(when)}</p>",
     ]
     if found:
         body.append('<div class="findings"><b>Look at:</b><ul>'

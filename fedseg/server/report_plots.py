@@ -69,7 +69,10 @@ def render_png(data: RunData, dpi: int = 90) -> bytes:
         ax_d.set(title=f"{name}: Dice (higher is better)", ylabel="Dice", ylim=(0, 1.02))
         ax_h.set(title=f"{name}: HD95 in mm (lower is better)"
                  + ("; x = missing" if any_missing else ""), ylabel="HD95 (mm)")
-        ax_h.set_ylim(bottom=0)
+        finite = [v for site in order for _, v in data.series(site, key, "hd95")
+                  if not math.isnan(v)]
+        # headroom: the missing marks (top fifth of the panel) stay clear of the curves
+        ax_h.set_ylim(0, max(finite) * 1.3 if finite else 1.0)
     ax_m, ax_l = axes[n_cls]
     for site in order:
         pts = data.series(site, "mean", "dice")

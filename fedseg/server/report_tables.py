@@ -57,7 +57,8 @@ def final_table(data: RunData) -> Table | None:
                      *[fmt_hd(s.hd95.get(k, math.nan), s.dice.get(k, math.nan)) for k in keys],
                      fmt_dice(s.mean_dice()), fmt_hd(s.mean_hd95(), s.mean_dice()),
                      str(s.missing_total())])
-    unit = "cases" if ft.on_test_cases else "sites whose validation cases all lack it"
+    by_case = all(s.missing_cases for s in ft.rows.values())
+    unit = "cases" if by_case else "sites whose validation cases all lack it"
     note = (f"HD95 missing: {unit} (a structure predicted where there is none, or missed); "
             "such a value has no distance and is left out of the HD95 mean, its Dice is 0.")
     if not ft.on_test_cases:
@@ -80,7 +81,8 @@ def _columns(data: RunData) -> list[str]:
 
 def round_tables(data: RunData) -> list[Table]:
     """One table per class: Dice and HD95 of every site and the pool after each evaluated
-    round (round 0 = the untrained model), then the mean Dice over classes."""
+    round (round 0 = the untrained model; "(n missing)": cases left out of that HD95 mean),
+    then the mean Dice over classes."""
     rounds = sorted(data.evals)
     shown = _pick_rounds(rounds)
     note = "" if shown == rounds else (f"{len(shown)} of {len(rounds)} evaluated rounds shown; "
@@ -91,8 +93,9 @@ def round_tables(data: RunData) -> list[Table]:
     def cell(s: Scores | None, key: str) -> list[str]:
         if s is None:
             return ["-", "-"]
-        d = s.dice.get(key, math.nan)
-        return [fmt_dice(d), fmt_hd(s.hd95.get(key, math.nan), d)]
+        d, h = s.dice.get(key, math.nan), s.hd95.get(key, math.nan)
+        n = s.missing.get(key, 0) if s.missing_cases else 0
+        return [fmt_dice(d), fmt_hd(h, d) + (f" ({n} missing)" if n and not math.isnan(h) else "")]
 
     for key, name in data.classes:
         head = ["round", *[f"{c} {m}" for c in cols for m in ("Dice", "HD95")]]
@@ -113,8 +116,9 @@ def loss_table(data: RunData) -> Table | None:
     by = {c: dict(data.loss[c]) for c in cols}
     rounds = _pick_rounds(sorted({r for c in cols for r in by[c]}))
     rows = [[str(r), *[f"{by[c][r]:.4f}" if r in by[c] else "-" for c in cols]] for r in rounds]
-    return Table(["round", *cols], rows, "Training loss (Dice + cross-entropy) per round",
-                 "with secure aggregation only the pooled (case-weighted) loss reaches the server")
+    note = ("only the pooled (case-weighted) loss: with secure aggregation no site's own loss "
+            "reaches the server") if cols == [POOLED] else ""
+    return Table(["round", *cols], rows, "Training loss (Dice + cross-entropy) per round", note)
 
 
 def settings_table(data: RunData) -> Table:
@@ -144,7 +148,8 @@ def findings(data: RunData) -> list[str]:
                 out.append(f"{name}: Dice below 0.1 at {', '.join(low)}")
         missing = sum(v.missing_total() for v in sites.values())
         if missing:
-            unit = "case(s)" if ft.on_test_cases else "site/class pair(s)"
+            unit = ("case(s)" if all(v.missing_cases for v in sites.values())
+                    else "site/class pair(s)")
             out.append(f"HD95 missing for {missing} {unit}: structures missed or predicted where "
                        "there are none (see the final table)")
     counts: dict[str, int] = {}
@@ -161,6 +166,7 @@ def findings(data: RunData) -> list[str]:
 
 def _numeric(cell: str) -> bool:
     """A number or a placeholder for one: such columns are right-aligned."""
+    cell = cell.split(" (", 1)[0]  # "4.20 (1 missing)"
     if cell in ("n/a", "missing", "-", "?"):
         return True
     try:

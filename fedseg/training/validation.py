@@ -28,8 +28,11 @@ def evaluate_cases(
     device: torch.device,
     config: str | None = None,
     mirror_tta: bool = False,
+    hd95_missing: dict[str, int] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], float]:
-    """(mean Dice per class, mean HD95 per class, seconds) over ``case_ids``."""
+    """(mean Dice per class, mean HD95 per class, seconds) over ``case_ids``. ``hd95_missing``
+    (filled when given): per class, the cases whose HD95 is undefined (the structure on one
+    side only), which the HD95 mean leaves out: the run report counts them."""
     t0 = time.monotonic()
     cfg = plan.config(config)
     groups = label_groups(plan.labels)
@@ -49,6 +52,8 @@ def evaluate_cases(
                     dice[k].append(r["Dice"])
                 if not math.isnan(r["HD95"]):
                     hd[k].append(r["HD95"])
+                if hd95_missing is not None:
+                    hd95_missing[k] = hd95_missing.get(k, 0) + int(r.get("HD95_missing", 0))
     mean_d = {k: float(np.mean(v)) if v else float("nan") for k, v in dice.items()}
     mean_h = {k: float(np.mean(v)) if v else float("nan") for k, v in hd.items()}
     return mean_d, mean_h, time.monotonic() - t0
