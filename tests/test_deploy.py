@@ -1184,9 +1184,13 @@ def test_control_and_runtime_api_are_not_reachable_through_the_proxy(fleet: Flee
     status, _ = fleet.request("POST", "/v1/fleet/push-object", b"",
                               headers={"Content-Length": str(65 << 20)})
     assert status == 413
-    # an allowed route is forwarded: the SuperLink itself answers (an unsigned request: refused)
+    # an unsigned request is refused by the proxy as the SuperLink would (401), before its body
     status, _ = fleet.request("POST", "/v1/fleet/get-run", b"",
                               headers={"content-type": "application/protobuf"})
+    assert status == 401, status
+    # a signed one is forwarded: the SuperLink itself answers (a key it does not know: refused)
+    status, _ = fleet.request("POST", "/v1/fleet/get-run", b"",
+                              headers={"content-type": "application/protobuf", **_signed_headers()})
     assert status not in (403, 404, 405, 502, 504), status
     log = fleet.proxy.log_path.read_text()
     assert "refused POST /v1/control/list-runs" in log
@@ -1204,6 +1208,25 @@ def test_unregistered_node_cannot_self_register_through_the_proxy(fleet: Fleet) 
     assert "self-registration is off" in fleet.proxy.log_path.read_text()
 
 
+def _signed_headers() -> dict[str, str]:
+    """Flower's node-auth headers for a fresh key, as a SuperNode signs them: the proxy forwards
+    only signed Fleet requests (fedseg/runtime/frontdoor.py)."""
+    import base64
+
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs,
+        public_key_to_bytes,
+        sign_message,
+    )
+
+    sk, pk = generate_key_pairs()
+    ts = now().isoformat()
+    return {"flwr-public-key": base64.b64encode(public_key_to_bytes(pk)).decode(),
+            "flwr-timestamp": ts,
+            "flwr-signature": base64.b64encode(sign_message(sk, ts.encode())).decode()}
+
+
 def test_proxy_answers_502_quickly_when_the_superlink_is_down(fleet: Fleet) -> None:
     dead = free_port()
     px = fleet_proxy.FleetProxy(f"127.0.0.1:{free_port()}", f"https://127.0.0.1:{dead}",
@@ -1211,7 +1234,8 @@ def test_proxy_answers_502_quickly_when_the_superlink_is_down(fleet: Fleet) -> N
                                 fleet.pki / "ca.pem", timeout=5).start()
     try:
         t0 = time.monotonic()
-        status, _ = fleet.request("POST", "/v1/fleet/pull-messages", b"x", port=px.port)
+        status, _ = fleet.request("POST", "/v1/fleet/pull-messages", b"x", port=px.port,
+                                  headers=_signed_headers())
         assert status == 502 and time.monotonic() - t0 < 15
         assert fleet.request("POST", "/v1/control/list-runs", b"x", port=px.port)[0] == 404
     finally:

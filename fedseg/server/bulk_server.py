@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,7 @@ CHUNK = 4 << 20
 SOCKET_TIMEOUT_S = 300.0  # a stalled transfer frees its thread after this
 LONG_POLL_S = 20.0  # a rendezvous GET waits this long for the request, then answers 204 (ask again)
 MAX_STEP_BYTES = 4 << 20  # a step answer (unmask + share-key replies) is kilobytes
+LINGER_S, LINGER_BYTES = 2.0, 16 << 20  # what a refused request may still send us (_linger)
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -348,17 +350,44 @@ class _Handler(BaseHTTPRequestHandler):
         tok = path[len(URL_PATH):]
         return tok if 32 <= len(tok) <= 64 and set(tok) <= _TOKEN_CHARS else None
 
-    def _answer(self, code: int, text: str = "") -> None:
+    def _answer(self, code: int, text: str = "", close: bool = False) -> None:
+        """Answer ``code``; ``close``: a request whose body was not read (all of it) — the
+        connection is closed after the answer and says so, or the unread body would be parsed
+        as the next request on it (the fleet proxy pools its connections here: issue #13)."""
         body = (text + "\n").encode() if text else b""
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")  # also sets self.close_connection
         self.end_headers()
         if body:
             self.wfile.write(body)
+        if close:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-close after a refusal and read (and drop) what the peer still sends, for at most
+        LINGER_S / LINGER_BYTES: closing a socket with unread data resets the connection, and a
+        reset can destroy our answer in the peer's receive buffer before it is read (the fleet
+        proxy would then report 502 instead of our 409/413)."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + LINGER_S, LINGER_BYTES
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                data = self.connection.recv(min(CHUNK, left))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         bulk: BulkServer = self.server.bulk  # type: ignore[attr-defined]
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0":
+            self._answer(400, "a GET takes no body", close=True)
+            return
         tok = self._token()
         known, request = bulk._await_request(tok, LONG_POLL_S) if tok else (False, None)
         if known:
@@ -388,10 +417,10 @@ class _Handler(BaseHTTPRequestHandler):
         tok = self._token()
         length = self.headers.get("Content-Length", "")
         if tok is None:
-            self._answer(404, "no such upload slot")
+            self._answer(404, "no such upload slot", close=True)
             return
-        if not length.isdigit():
-            self._answer(411, "Content-Length required")
+        if not length.isdigit() or self.headers.get("Transfer-Encoding"):
+            self._answer(411, "Content-Length required", close=True)
             return
         n = int(length)
         limit = bulk._step_limit(tok)
@@ -400,13 +429,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         slot = bulk._claim(tok)
         if slot is None:
-            self._answer(409, "no such upload slot, or it was used already")
-            self.close_connection = True
+            self._answer(409, "no such upload slot, or it was used already", close=n > 0)
             return
         if n > slot.max_bytes:
             slot.state = "failed"
-            self._answer(413, f"upload of {n} bytes exceeds the slot's {slot.max_bytes}")
-            self.close_connection = True
+            self._answer(413, f"upload of {n} bytes exceeds the slot's {slot.max_bytes}", close=True)
             return
         part = bulk._path(tok, ".part")
         buf = bytearray(min(CHUNK, max(1, n)))
@@ -424,9 +451,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ConnectionError) as err:
             slot.state = "failed"
             part.unlink(missing_ok=True)
-            self.close_connection = True
+            self.close_connection = True  # even if the answer cannot be written
             try:
-                self._answer(400, f"upload failed: {err}")
+                self._answer(400, f"upload failed: {err}", close=True)
             except OSError:
                 pass
             return
@@ -438,13 +465,12 @@ class _Handler(BaseHTTPRequestHandler):
         """``PUT`` of a site's answer (at most ``limit`` bytes) into a rendezvous (small: read
         into memory; one closed meanwhile is refused by ``_take_answer``)."""
         if n > limit:
-            self._answer(413, f"a step answer of {n} bytes exceeds the rendezvous' {limit}")
-            self.close_connection = True
+            self._answer(413, f"a step answer of {n} bytes exceeds the rendezvous' {limit}",
+                         close=True)
             return
         body = self.rfile.read(n)
         if len(body) != n:
-            self._answer(400, "the answer stopped early")
-            self.close_connection = True
+            self._answer(400, "the answer stopped early", close=True)
             return
         why = bulk._take_answer(tok, body)
         if why is not None:
