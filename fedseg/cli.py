@@ -54,9 +54,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_main([Path(d) for d in args.data], Path(args.out), args.gpu_memory_gb,
                      progress=progress, preset=args.preset)
     bar.close()
-    cfg = plan.config("3d_fullres")
+    cfg = plan.config()
     print(
-        f"plan written to {args.out}: 3d_fullres spacing {cfg.spacing}, patch {cfg.patch_size}, "
+        f"plan written to {args.out}: {plan.default_configuration} spacing {cfg.spacing}, "
+        f"patch {cfg.patch_size}, "
         f"batch {cfg.batch_size}, {cfg.n_stages} stages (hash {plan.hash()})"
     )
     return 0
@@ -66,7 +67,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fedseg.training.trainer import TrainConfig, train_local
 
     lr = {} if args.lr is None else {"initial_lr": args.lr}
-    cfg = TrainConfig(device=args.device, seed=args.seed, batch_size=args.batch_size or None, **lr)
+    conf = {} if args.configuration == "auto" else {"config": args.configuration}
+    cfg = TrainConfig(device=args.device, seed=args.seed, batch_size=args.batch_size or None,
+                      **lr, **conf)
     res = train_local(
         data_dir=Path(args.data), plan_path=Path(args.plan), iterations=args.iterations,
         out_dir=Path(args.out), cache_root=Path(args.cache) if args.cache else None, config=cfg,
@@ -87,8 +90,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.input]
     for p in inputs:
         if not p.exists():
-            raise FedsegError(f"{p}: no such file or folder; give NIfTI files or a folder of "
-                              "CASE_0000.nii.gz")
+            raise FedsegError(f"{p}: no such file or folder; give image files or a folder of "
+                              "CASE_0000 files (e.g. CASE_0000.nii.gz, CASE_0000.png)")
     from fedseg.training.predict import predict_files
 
     written = predict_files(Path(args.model), inputs if len(inputs) > 1 else inputs[0],
@@ -115,6 +118,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
              "per_site_metrics": args.per_site_metrics == "on"}
     if args.aggregation == "fedprox":
         extra["proximal_mu"] = args.mu
+    if args.configuration != "auto":
+        extra["configuration"] = args.configuration
     if args.tensorboard:
         from fedseg.server.tracking import require
 
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="preprocessed-data cache (default: inside the data folder)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=0, help="override the plan's batch size")
+    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres"], default="auto",
+                   help="plan configuration to train (auto: the plan's; 2d also on 3D data)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--init-from", metavar="MODEL_DIR",
                    help="start from this bundle's weights (e.g. fine-tune a federated model on "
@@ -217,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a bundle every N iterations to OUT/snapshots/ (curves)")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("predict", help="segment NIfTI volumes with a model bundle")
+    s = sub.add_parser("predict", help="segment images with a model bundle (output in the "
+                                       "input's format: NIfTI, .mha/.nrrd, PNG, TIFF)")
     s.add_argument("--model", required=True, help="model bundle folder")
     s.add_argument("-i", "--input", nargs="+", required=True,
-                   help="a folder of CASE_XXXX.nii.gz files, or the file(s) of one case")
+                   help="a folder of CASE_XXXX<ending> files (.nii.gz, .mha, .png, ...), or "
+                   "the file(s) of one case")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-tta", action="store_true", help="disable mirroring test-time aug.")
@@ -262,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-site-metrics", choices=["on", "off"], default="on",
                    help="off: the sites' evaluation metrics go into the secure sum too "
                         "(only pooled Dice/HD95 are logged)")
+    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres"], default="auto",
+                   help="plan configuration to train (auto: nnU-Net's choice, 3d_fullres for "
+                   "3D data, 2d for 2D images); 2d also works on 3D data (slice by slice)")
     s.add_argument("--job-config", metavar="TOML",
                    help="more job settings, as the [job] table of server.toml (e.g. "
                    "site_momentum, [job.aggregation]); they override the flags above")
