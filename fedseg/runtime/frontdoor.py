@@ -167,6 +167,8 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
                 self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
+            if self._peer is None:  # refused (aborted) in connection_made
+                return
             between = self.cycle is None or self.cycle.response_complete
             if between and (self._head_timer is None or self._armed_for is not self.cycle):
                 self._arm()  # the first byte of a new request head (or of a drained body)
