@@ -245,7 +245,7 @@ def curve_point(model: Path, sites: list[Path], work: Path, name: str, device: s
 def compare(args: argparse.Namespace) -> dict:
     from fedseg.models.bundle import bundle_from_checkpoint
     from fedseg.server.rundir import snapshot_name
-    from fedseg.training.trainer import snapshot_dir
+    from fedseg.training.single_site import snapshot_dir
 
     sites = site_dirs_of([Path(d) for d in args.data])
     S = len(sites)

@@ -64,7 +64,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fedseg.training.trainer import TrainConfig, train_local
+    from fedseg.training.single_site import train_local
+    from fedseg.training.trainer import TrainConfig
 
     lr = {} if args.lr is None else {"initial_lr": args.lr}
     conf = {} if args.configuration == "auto" else {"config": args.configuration}

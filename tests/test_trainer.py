@@ -352,7 +352,7 @@ def test_spatial_and_mirror_keep_image_and_labels_aligned():
 def test_train_local_checkpoints_resumes_and_bundles(tmp_path: Path):
     from fedseg.data.demo import make_demo_data
     from fedseg.models.bundle import load_bundle
-    from fedseg.training.trainer import train_local
+    from fedseg.training.single_site import train_local
 
     site = make_demo_data(tmp_path / "demo", sites=1, cases=2, test_cases=0)[0]
     plan = tiny_plan()
@@ -374,7 +374,7 @@ def test_train_local_checkpoints_resumes_and_bundles(tmp_path: Path):
 def test_train_local_snapshots_and_init_from(tmp_path: Path):
     from fedseg.data.demo import make_demo_data
     from fedseg.models.bundle import load_bundle
-    from fedseg.training.trainer import snapshot_dir, train_local
+    from fedseg.training.single_site import snapshot_dir, train_local
 
     site = make_demo_data(tmp_path / "demo", sites=1, cases=2, test_cases=0)[0]
     plan = tiny_plan()

@@ -8,7 +8,8 @@ front and all at once, one line per problem naming the file and the fix, e.g.::
 
 The checks follow nnU-Net v2's ``verify_dataset_integrity`` (files present, shapes and geometry
 of channels and label agree, label values declared) plus what trips fedseg specifically
-(3D only, NaN/Inf, duplicate case ids, numTraining). :func:`validate_dataset` never raises on
+(2D and 3D cases not mixed, NaN/Inf, duplicate case ids, numTraining). File names are checked
+in ``validate_files``, the decoded images here. :func:`validate_dataset` never raises on
 bad data: everything becomes a problem line. Each case is read once and dropped, so a site
 never holds its dataset in memory; progress is reported only through an optional callback so
 the CLI can draw a bar and tests stay quiet.
@@ -25,12 +26,12 @@ import numpy as np
 
 from fedseg.data.dataset import DatasetJson, read_dataset_json
 from fedseg.data.io import SUPPORTED_ENDINGS, io_for_ending
+from fedseg.data.validate_files import check_files as _check_files
 from fedseg.errors import FedsegError
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(cases_done, cases_total)`` after each case."""
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 AFFINE_RTOL = 1e-3  # like nnU-Net's geometry check: relative, forgiving float32 round-off
 
 
@@ -50,21 +51,6 @@ class _Volume:
 def _one_line(text: str, limit: int = 200) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _other_ending(name: str, ending: str) -> str | None:
-    """The NIfTI ending of ``name`` if it is one other than the dataset's ``ending``."""
-    for other in NIFTI_ENDINGS:
-        if other != ending and name.endswith(other) and not name.endswith(ending):
-            return other
-    return None
-
-
-def _split_channel(stem: str) -> tuple[str, int] | None:
-    """``"case_0001" -> ("case", 1)``; None without a ``_XXXX`` channel suffix."""
-    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-        return stem[:-5], int(stem[-4:])
-    return None
 
 
 def _read(path: Path, problems: list[str]) -> _Volume | None:
@@ -104,110 +90,6 @@ def _fmt_affine_diff(a: np.ndarray, b: np.ndarray) -> str:
     if not np.allclose(org_a, org_b, rtol=AFFINE_RTOL, atol=AFFINE_RTOL):
         return f"origin {org_a} vs {org_b}"
     return "direction differs"
-
-
-def _check_files(
-    root: Path, ds: DatasetJson, split: str, problems: list[str]
-) -> list[str]:
-    """Check file names of ``images{split}``/``labels{split}``; return the sorted case ids."""
-    ending = ds.file_ending
-    img_dir, lab_dir = root / f"images{split}", root / f"labels{split}"
-    ids: set[str] = set()
-    channels: dict[str, set[int]] = {}
-    stray: list[tuple[Path, str, str | None]] = []  # (file, other ending, case id)
-    broken: set[str] = set()  # case ids whose image is a dangling or looping symlink
-    for p in sorted(img_dir.iterdir()) if img_dir.is_dir() else []:
-        if not p.name.startswith(".") and p.is_symlink() and not p.exists():
-            problems.append(f"{p}: broken or looping symbolic link; point it at a real file")
-            parsed = _split_channel(p.name[: -len(ending)]) if p.name.endswith(ending) else None
-            broken.add(parsed[0] if parsed else p.name[: -len(ending)])
-            continue
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        if p.name.endswith(ending):
-            parsed = _split_channel(p.name[: -len(ending)])
-            if parsed is None:
-                stem = p.name[: -len(ending)]
-                problems.append(
-                    f"{p}: no channel suffix; rename it to {stem}_0000{ending} "
-                    "(nnU-Net names image files CASE_XXXX with XXXX the channel index)"
-                )
-                continue
-            cid, chan = parsed
-            ids.add(cid)
-            channels.setdefault(cid, set()).add(chan)
-            if chan >= ds.num_channels:
-                problems.append(
-                    f"{p}: channel {chan:04d}, but dataset.json declares {ds.num_channels} "
-                    f"channel(s); remove the file or add the channel to channel_names"
-                )
-        elif (other := _other_ending(p.name, ending)) is not None:
-            parsed = _split_channel(p.name[: -len(other)])
-            stray.append((p, other, parsed[0] if parsed else None))
-    if stray and not ids:  # the whole folder uses another ending: one line, not one per file
-        other = stray[0][1]
-        problems.append(
-            f"{img_dir}: holds {len(stray)} {other} file(s) but dataset.json file_ending is "
-            f"{ending}; set file_ending to \"{other}\" (or convert the files)"
-        )
-        return []
-    for p, other, cid in stray:
-        if cid is not None and cid in ids:
-            problems.append(
-                f"{p}: duplicate of case '{cid}' (also stored with ending {ending}); "
-                "remove one of the two copies"
-            )
-        else:
-            problems.append(
-                f"{p}: file ending {other} differs from dataset.json file_ending {ending}, "
-                f"so the file is ignored; convert/rename it to {ending} or fix file_ending"
-            )
-    _check_case_collisions(img_dir, ids, problems)
-
-    if lab_dir.is_dir() and ids:  # without images, the folder-level line says it all
-        label_ids: set[str] = set()
-        for p in sorted(lab_dir.iterdir()):
-            if p.name.startswith(".") or not p.is_file():
-                continue
-            if p.name.endswith(ending):
-                cid = p.name[: -len(ending)]
-                label_ids.add(cid)
-                if cid not in ids and cid not in broken:  # a broken image is named above
-                    parsed = _split_channel(cid)
-                    hint = (
-                        f"rename it to {parsed[0]}{ending} (labels have no channel suffix)"
-                        if parsed and parsed[0] in ids
-                        else f"add images{split}/{cid}_0000{ending} or remove the label"
-                    )
-                    problems.append(f"{p}: label without a matching image; {hint}")
-            elif (other := _other_ending(p.name, ending)) is not None:
-                cid = p.name[: -len(other)]
-                if (lab_dir / f"{cid}{ending}").is_file():
-                    problems.append(
-                        f"{p}: duplicate label of case '{cid}' (also stored with ending "
-                        f"{ending}); remove one of the two copies"
-                    )
-                else:
-                    problems.append(
-                        f"{p}: file ending {other} differs from dataset.json file_ending "
-                        f"{ending}, so the label is ignored; convert/rename it to {ending}"
-                    )
-        _check_case_collisions(lab_dir, label_ids, problems)
-    return sorted(ids)
-
-
-def _check_case_collisions(folder: Path, ids: set[str], problems: list[str]) -> None:
-    """Case ids that differ only in letter case collide on Windows/macOS file systems."""
-    by_lower: dict[str, list[str]] = {}
-    for cid in ids:
-        by_lower.setdefault(cid.lower(), []).append(cid)
-    for group in by_lower.values():
-        if len(group) > 1:
-            names = " and ".join(f"'{c}'" for c in sorted(group))
-            problems.append(
-                f"{folder}: case ids {names} differ only in letter case (duplicates on "
-                "Windows/macOS); rename one of them"
-            )
 
 
 def _check_case(
