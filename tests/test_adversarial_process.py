@@ -376,6 +376,26 @@ def test_sigkill_of_the_server_then_resume_then_dead_serverapp(tmp_path: Path, p
     assert not listening(sl_port) and not listening(port)
 
 
+def test_serverapp_that_died_at_once_is_seen_as_a_zombie(tmp_path: Path) -> None:
+    """A ServerApp that dies before the supervisor's first look is still found: Flower's
+    SuperExec never reaps it, and the zombie keeps its command name."""
+    from fedseg.runtime.appwatch import ServerAppWatch
+
+    script = tmp_path / "flwr-serverapp"
+    script.write_text(f"#!{sys.executable}\nraise SystemExit(1)\n")
+    script.chmod(0o755)
+    parent = subprocess.Popen([sys.executable, "-c", (  # a SuperExec: Popen, never wait
+        f"import subprocess, time; subprocess.Popen([{str(script)!r}]); time.sleep(60)")])
+    try:
+        watch = ServerAppWatch(parent.pid, grace_s=0.0)
+        why = wait_for("the dead ServerApp is reported", watch.check, 30)
+        assert "ServerApp process" in str(why) and watch.zombies
+    finally:
+        parent.kill()
+        parent.wait()
+    assert ServerAppWatch(None).check() is None  # no SuperLink to watch: silent
+
+
 def _orphan_superlink(tmp: Path, state: Path, port: int) -> subprocess.Popen:
     """A SuperLink as an older fedseg-server left it after a SIGKILL: started in the state
     folder, in a session of its own, its pid in STATE_DIR/superlink.pid, the server's pid file
