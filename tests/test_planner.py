@@ -331,3 +331,22 @@ def test_bad_cases_are_named() -> None:
     )
     with pytest.raises(FedsegError, match="no foreground"):
         make_plan(empty, DatasetJson(channel_names={"0": "CT"}, labels=sd.LABELS))
+
+
+FUNDUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fundus"
+
+
+@pytest.mark.skipif(not FUNDUS.is_dir(), reason=f"{FUNDUS}: real fundus data absent")
+def test_plan_of_real_2d_fundus_sites_equals_nnunet() -> None:
+    """Real 2D RGB PNG sites (regions): nnU-Net's natural-image reader (spacing 999, 1, 1) and
+    its 2D rules — no 3d_fullres, the 2d configuration — from the sum of the two sites'
+    fingerprints, at 8 GB and at 2 GB (a smaller batch)."""
+    sites = sorted(p for p in FUNDUS.iterdir() if (p / "dataset.json").is_file())
+    fp = sum(compute_fingerprint(s) for s in sites)
+    g = _golden("fundus")
+    _check_fingerprint_matches_golden(fp, g)
+    ds = read_dataset_json(sites[0])
+    for gb, gp in g["plans"].items():
+        ours = plan_configurations(fp, ds, gpu_memory_gb=float(gb))
+        assert set(ours["configurations"]) == {"2d"}
+        _compare_plans(ours, gp, f"fundus @ {gb} GB")

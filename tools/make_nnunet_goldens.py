@@ -19,9 +19,11 @@ sites=3, cases=10, test_cases=4, seed=0)`` (1 MRI channel, 3 scanners, small vol
 ``big_mri`` = 2-channel MRI at ~160^3, 2 sites (patch-size reduction under 8 GB). Each is
 planned at nnU-Net's default 8 GB target and at smaller targets (more reductions; 0.1 GB makes
 nnU-Net add a 3d_lowres configuration, which flips 3d_fullres' batch_dice); the plans are keyed
-by the target in GB. ``random`` (``random_fingerprints.json``): nnU-Net's planner on 80 random
-fingerprints (per-case spacings and cropped shapes written straight into nnU-Net's
-``dataset_fingerprint.json``, no images) at 8 GB and a random target — the rules on many more
+by the target in GB. ``fundus`` = the two real 2D sites of ``../shared/data/fundus`` (RGB
+PNG, regions; the test skips when that folder is absent). ``random``
+(``random_fingerprints.json``): nnU-Net's planner on 80 random fingerprints (per-case
+spacings and cropped shapes written straight into nnU-Net's ``dataset_fingerprint.json``, no
+images) at 8 GB and a random target — the rules on many more
 shapes, anisotropies, ties and budgets than image datasets could cover cheaply.
 """
 
@@ -42,8 +44,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import synthetic_datasets as sd  # noqa: E402
 
-GPU_TARGETS = {"demo": [8.0, 0.1], "aniso_ct": [8.0, 0.5, 0.1], "big_mri": [8.0, 4.0]}
-DATASET_IDS = {"demo": 1, "aniso_ct": 2, "big_mri": 3}
+GPU_TARGETS = {"demo": [8.0, 0.1], "aniso_ct": [8.0, 0.5, 0.1], "big_mri": [8.0, 4.0],
+               "fundus": [8.0, 2.0]}
+DATASET_IDS = {"demo": 1, "aniso_ct": 2, "big_mri": 3, "fundus": 4}
+FUNDUS = REPO.parent / "shared" / "data" / "fundus"  # real 2D data (not in the repository)
 CONFIG_FIELDS = (
     "spacing",
     "patch_size",
@@ -63,6 +67,8 @@ def build_sites(name: str, root: Path) -> list[Path]:
         from fedseg.data.demo import make_demo_data
 
         return make_demo_data(root, sites=3, cases=10, test_cases=4, seed=0)
+    if name == "fundus":  # the real 2D RGB sites: nnU-Net's 2D rules and natural-image reader
+        return sorted(p for p in FUNDUS.iterdir() if (p / "dataset.json").is_file())
     return sd.write_sites(name, root)
 
 
@@ -85,6 +91,8 @@ def pool(sites: list[Path], raw_root: Path, dataset_id: int, name: str) -> Path:
         "labels": meta["labels"],
         "numTraining": n,
         "file_ending": meta.get("file_ending", ".nii.gz"),
+        **({"regions_class_order": meta["regions_class_order"]}
+           if "regions_class_order" in meta else {}),
     }
     (out / "dataset.json").write_text(json.dumps(ds, indent=2))
     return out
