@@ -251,8 +251,12 @@ class LocalTrainer:
             preprocessed_dir, self.setup, self.batch_size, cfg.oversample_foreground, aug, cfg.seed,
             case_ids=case_ids,
         )
+        # the warp one-hot encodes label VALUES 0..max (the ignore label included; values need
+        # not be consecutive), not the network's outputs
+        max_value = max(v for val in plan.labels.values()
+                        for v in (val if isinstance(val, list) else [val]))
         self.augmenter = DeviceAugmenter(
-            self.setup, plan.num_classes, self.device,
+            self.setup, max_value + 1, self.device,
             mask_channels=[c for c, m in enumerate(cplan.use_mask_for_norm) if m],
         )
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else _auto_workers(
