@@ -204,3 +204,13 @@ def test_symlink_loop_named(tmp_path: Path) -> None:
     img.symlink_to(img)  # a loop
     problems = validate_dataset(root)
     assert any(p.startswith(str(img)) and "symbolic link" in p for p in problems), problems
+
+
+FUNDUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fundus"
+
+
+@pytest.mark.skipif(not FUNDUS.is_dir(), reason=f"{FUNDUS}: real fundus data absent")
+@pytest.mark.parametrize("site", ["refuge", "drishti"])
+def test_real_fundus_sites_pass_check_data(site: str) -> None:
+    """The real 2D sources as released (RGB PNG, palette-free uint8 masks, regions)."""
+    assert validate_dataset(FUNDUS / site) == []
