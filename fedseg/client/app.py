@@ -382,3 +382,12 @@ def unmask(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.client import secure
 
     return secure.step(msg, cfg)
+
+
+@app.query("job_end")
+def job_end(msg: Message, context: Context) -> Message:
+    """The job ended on the server (fedseg/protocol/job_end.py): recorded for fedseg-client,
+    which logs "job finished" (and exits with exit_when_done); nothing of the site is sent."""
+    from fedseg.client.job_end import record_job_end
+
+    return record_job_end(msg, context)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedseg.client.doctor import ConnectionDoctor
+from fedseg.client.job_end import JobEndWatch
 from fedseg.client.worker import worker_argv
 from fedseg.config_io import load_toml
 from fedseg.errors import FedsegError, first_error, run_cli
@@ -87,6 +89,9 @@ class ClientConfig(BaseModel):
     stall_timeout_s: float = Field(
         default=STALL_TIMEOUT_S, ge=0, description="restart a SuperNode that has had no "
         "successful contact with the server for this long although it runs (hung); 0: never")
+    exit_when_done: bool = Field(
+        default=False, description="exit when the server says the job ended (0: finished, "
+        "1: failed); false: stay connected for the next job or a resume")
 
 
 PATH_FIELDS = ("data_dir", "cache_dir", "pki", "root_certificates", "auth_private_key",
@@ -94,7 +99,8 @@ PATH_FIELDS = ("data_dir", "cache_dir", "pki", "root_certificates", "auth_privat
 FLAG_FIELDS = ("site", "data_dir", "server", "cache_dir", "device", "gpu_memory_gb", "pki",
                "root_certificates", "auth_private_key", "identity_key", "roster",
                "trusted_entities", "require_signed_apps", "require_secure_aggregation", "site_worker",
-               "runtime_port", "restart_delay_s", "max_restarts", "stall_timeout_s")
+               "runtime_port", "restart_delay_s", "max_restarts", "stall_timeout_s",
+               "exit_when_done")
 
 
 def load_client_config(path: str | Path) -> ClientConfig:
@@ -285,6 +291,11 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
                                        if cfg.require_secure_aggregation else "")
     print(f"fedseg-client: site '{cfg.site}' data OK; connecting to {cfg.server} ({checks}; "
           f"log: {proc.log_path})", flush=True)
+    # why it cannot connect, in one line (client/doctor.py); the job's end (client/job_end.py)
+    doctor = ConnectionDoctor(cfg.server, cfg.root_certificates, cfg.insecure, source, cfg.site,
+                              proc.log_path)
+    ended = JobEndWatch(cache)
+    doctor.start()
     proc.start()
     watch.restart()
     if worker is not None:
@@ -292,6 +303,13 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
     try:
         while not stopping:
             time.sleep(0.5)
+            if (finding := doctor.tick()) is not None:  # e.g. the SuperLink's own port
+                raise FedsegError(finding.line)
+            if (notice := ended.poll()) is not None:
+                print(f"fedseg-client: {JobEndWatch.line(notice)}", flush=True)
+                if cfg.exit_when_done:
+                    time.sleep(2.0)  # the SuperNode pushes the acknowledgement meanwhile
+                    return 0 if notice.state == "finished" else 1
             if worker is not None and worker.poll() is not None and not stopping:
                 # the site's state is on disk; but a task the worker held would be answered
                 # only when Flower's task heartbeat expires (>= 60 s, never for one taken but
@@ -312,6 +330,7 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
             code = proc.poll()
             if code is None:
                 continue
+            doctor.supernode_exited()
             if cfg.max_restarts >= 0 and restarts >= cfg.max_restarts:
                 print(f"fedseg-client: SuperNode exited ({code}); not restarting", file=sys.stderr)
                 return 1
@@ -366,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-timeout-s", type=float,
                    help="restart a running SuperNode after this many seconds without a "
                    f"successful contact with the server (default {STALL_TIMEOUT_S:g}; 0: never)")
+    p.add_argument("--exit-when-done", action=argparse.BooleanOptionalAction, default=None,
+                   help="exit when the server says the job ended (0: finished, 1: failed); "
+                   "default: stay connected for the next job")
     return p
 
 

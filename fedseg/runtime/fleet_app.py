@@ -26,6 +26,7 @@ from fedseg.runtime.frontdoor import (
 
 FLEET_PREFIX = "/v1/fleet/"
 BULK_PREFIX = "/fedseg/bulk/"
+HELLO = "fleet-proxy"  # GET BULK_PREFIX answers {"fedseg": HELLO, "bulk": bool}
 # superlink/routers/fleet/router.py in flwr 1.42.0: every Fleet route is a POST
 FLEET_ROUTES = frozenset({
     "register-node", "activate-node", "deactivate-node", "unregister-node",
@@ -92,6 +93,10 @@ class FleetProxyApp:
         self.limits = limits or Limits()
         self.known = KnownKeys(self.limits.known_keys)
         self._client: httpx.AsyncClient | None = None
+        # what ``GET /fedseg/bulk/`` answers: a site's fedseg-client checks at start that its
+        # ``server`` is this proxy and not, say, the SuperLink's own port, where it would enrol
+        # and fail only at its first bulk download (issue #16)
+        self.hello = json.dumps({"fedseg": HELLO, "bulk": self.bulk_upstream is not None}).encode()
 
     def _new_client(self) -> httpx.AsyncClient:
         client = httpx.AsyncClient(
@@ -112,6 +117,10 @@ class FleetProxyApp:
         if self._client is None:  # served without lifespan (e.g. a bare ASGI test harness)
             self._client = self._new_client()
         method, path = scope["method"], scope["path"]
+        if path == BULK_PREFIX and method == "GET":  # the sites' start-up probe (client/probe.py)
+            await _plain(send, 200, self.hello, content_type=b"application/json",
+                         close=_declared_length(scope) != 0)  # a body is never read
+            return
         if self.bulk_upstream and path.startswith(BULK_PREFIX):
             await self._bulk(scope, receive, send)
             return

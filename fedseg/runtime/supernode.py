@@ -5,11 +5,15 @@ Runs Flower's own ``flower-supernode`` entry point unchanged, after
 and the object-pull backoff (why: see that module). ``fedseg-client`` and ``fedseg simulate``
 start every site's SuperNode this way. With ``FEDSEG_CONTACT_FILE`` set, every successful
 contact with the server touches that file (:mod:`fedseg.runtime.contact`: fedseg-client's
-watchdog restarts a SuperNode that stays silent).
+watchdog restarts a SuperNode that stays silent). Flower logs the REASON of a failed
+connection attempt only at DEBUG (``Connection attempt failed with exception: ...``, under the
+WARNING ``Connection attempt failed, retrying in N seconds``); :func:`log_failure_reasons`
+raises that record to WARNING, so the SuperNode's log says why (issue #16).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +29,23 @@ def launcher_argv(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "fedseg.runtime.supernode", *argv[1:]]
 
 
+REASON_PREFIX = "Connection attempt failed with exception"  # flwr/supercore/retry/http_retry.py
+
+
+class _ReasonToWarning(logging.Filter):
+    """Flower's DEBUG record of a failed attempt's exception, as a WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and str(record.msg).startswith(REASON_PREFIX):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def log_failure_reasons() -> None:
+    """Show why each connection attempt failed (see the module docstring)."""
+    logging.getLogger("flwr").addFilter(_ReasonToWarning())
+
+
 def main() -> None:
     if not (fast_supernode_poll() and fast_object_pulls()):
         print("[fedseg] Flower's SuperNode layout differs from flwr 1.42.0; running it with "
@@ -33,6 +54,7 @@ def main() -> None:
     if contact and not record_contacts(Path(contact)):  # fedseg-client's watchdog
         print("[fedseg] Flower's SuperNode layout differs from flwr 1.42.0; its contacts are "
               "not recorded (set stall_timeout_s = 0)", file=sys.stderr, flush=True)
+    log_failure_reasons()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

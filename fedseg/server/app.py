@@ -41,11 +41,27 @@ def main(grid: Grid, context: Context) -> None:
     except FedsegError as err:
         _log(f"job failed: {err}")
         _record_failure(run, str(err))
+        _tell_sites(grid, cfg, run, int(context.run_id), str(err))
         raise SystemExit(1) from None
     except Exception as err:  # keep the reason where the operator looks (status.json)
         traceback.print_exc(file=sys.stdout)
         _record_failure(run, f"internal error: {err!r}")
+        _tell_sites(grid, cfg, run, int(context.run_id), f"internal error at the server: {err!r}")
         raise
+    _tell_sites(grid, cfg, run, int(context.run_id))
+
+
+def _tell_sites(grid: Grid, cfg: JobConfig, run: RunDir, run_id: int, failed: str = "") -> None:
+    """Every connected site learns that the job ended (fedseg/protocol/job_end.py): its
+    fedseg-client logs "job finished" and, with exit_when_done, exits."""
+    from fedseg.protocol.job_end import JobEnd
+    from fedseg.server.job_end import notify_sites
+
+    rounds = int(run.status().get("round", 0) or 0)
+    notice = JobEnd(job_id=cfg.job_id or Path(cfg.run_dir).name, rounds=rounds,
+                    state="failed" if failed else "finished", reason=failed[:2000],
+                    flower_run_id=run_id)
+    notify_sites(grid, notice, _log)
 
 
 def _record_failure(run: RunDir, reason: str) -> None:

@@ -442,6 +442,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sites(args: argparse.Namespace) -> int:
+    from fedseg.server.sites import format_table, site_table, state_and_run
+
+    rows = site_table(*state_and_run(args.run_dir, args.state_dir))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     if args.run_dir:
         cfg, _ = _saved_config(args.run_dir)
@@ -482,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--json", action="store_true", help="print status.json as is")
     s.set_defaults(func=_cmd_status)
+    s = sub.add_parser("sites", help="which node id is which site (and who is online now)")
+    s.add_argument("run_dir", nargs="?", help="the job's run folder (reads its server.json)")
+    s.add_argument("--state-dir", default="fedseg-server-state",
+                   help="the server's state folder (when no RUN_DIR is given)")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(func=_cmd_sites)
     s = sub.add_parser("stop", help="stop the running server of a run folder (or state folder)")
     s.add_argument("run_dir", nargs="?", help="the job's run folder (reads its server.json)")
     s.add_argument("--state-dir", default="fedseg-server-state",
