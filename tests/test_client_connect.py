@@ -234,3 +234,22 @@ def _plain_http_server(server: Server) -> int:
         "--upstream", f"http://127.0.0.1:{free_port()}", "--insecure"], ENV)
     wait_for_port("127.0.0.1", port, 90, proc)
     return port
+
+
+def test_probe_names_the_certificates_names(tmp_path: Path) -> None:
+    """``server`` uses a name the certificate was not issued for: the line says which names
+    it has (a fleet proxy in this process, certificate for 127.0.0.1 only)."""
+    from fedseg.runtime.fleet_proxy import FleetProxy
+
+    pki = tmp_path / "pki"
+    provision(pki, ["hospitalA"], ["127.0.0.1"], days=2, consortium="ipsonly")
+    px = FleetProxy(f"127.0.0.1:{free_port()}", f"https://127.0.0.1:{free_port()}",
+                    pki / "server.pem", pki / "server.key", pki / "ca.pem").start()
+    try:
+        assert probe(f"127.0.0.1:{px.port}", pki / "ca.pem").ok
+        wrong = probe(f"localhost:{px.port}", pki / "ca.pem", source="hospitalA.toml")
+    finally:
+        px.stop()
+    assert wrong.kind == "tls-name", wrong
+    assert "hospitalA.toml: field 'server'" in wrong.line and "not valid for 'localhost'" in wrong.line
+    assert "it names 127.0.0.1" in wrong.line and "--server-san localhost" in wrong.line
