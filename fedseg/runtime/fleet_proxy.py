@@ -23,8 +23,11 @@ replayed for ~5 min by whoever sees them). Plain HTTP is allowed only on loopbac
 Bulk transfers (``--bulk-upstream``, set by ``fedseg-server``): ``GET``/``PUT /fedseg/bulk/<token>``
 with a well-formed token are forwarded, streamed both ways, to the ServerApp's bulk server on
 loopback (global model down, updates up: ``fedseg/protocol/bulk.py``); nothing else under
-``/fedseg/``. The bulk server refuses an unknown token or an oversized body from the request's
-headers, before reading it, and closes that connection.
+``/fedseg/`` but ``GET /fedseg/bulk/`` itself, answered here with ``{"fedseg": "fleet-proxy",
+"bulk": true|false}`` (no token, nothing forwarded): ``fedseg-client`` checks with it at start
+that its ``server`` is this proxy and not the SuperLink's own port (``fedseg/client/probe.py``).
+The bulk server refuses an unknown token or an oversized body from the request's headers,
+before reading it, and closes that connection.
 
 A hardened front door (issue #13; the limits and why: :mod:`fedseg.runtime.frontdoor`,
 docs/security-notes.md §9): every decision is made from the request's headers before its body is
