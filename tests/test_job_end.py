@@ -132,3 +132,17 @@ def test_sites_without_any_state(tmp_path: Path) -> None:
     assert rows["hospitalA"]["node"] == 7 and rows["hospitalB"]["node"] == 9
     assert rows["hospitalB"]["enrolled"] == "round 1"
     assert {r["status"] for r in rows.values()} == {"(server not running)"}
+
+
+def test_after_the_job_ended_a_gone_server_is_no_surprise(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from fedseg.client.doctor import ConnectionDoctor
+    from fedseg.client.probe import Finding
+
+    doc = ConnectionDoctor("127.0.0.1:1", None, False, "c.toml", "hospitalA", tmp_path / "x.log")
+    doc.job_ended("trial")
+    doc._say(Finding("refused", "c.toml: field 'server': connection refused at 127.0.0.1:1"))
+    err = capsys.readouterr().err.strip()
+    assert err == ("fedseg-client: cannot connect (refused): c.toml: field 'server': connection "
+                   "refused at 127.0.0.1:1 (job 'trial' ended; waiting for the next job or a "
+                   "resume)"), err

@@ -307,6 +307,7 @@ def run_client(given: ClientConfig, source: str = "client config") -> int:
                 raise FedsegError(finding.line)
             if (notice := ended.poll()) is not None:
                 print(f"fedseg-client: {JobEndWatch.line(notice)}", flush=True)
+                doctor.job_ended(notice.job_id)
                 if cfg.exit_when_done:
                     time.sleep(2.0)  # the SuperNode pushes the acknowledgement meanwhile
                     return 0 if notice.state == "finished" else 1

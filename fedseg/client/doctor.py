@@ -43,6 +43,7 @@ class ConnectionDoctor:
         self._said: str | None = None
         self._refused = False
         self._bad = False  # the last line said was a problem
+        self._ended = ""  # the job that ended (then a server that is gone is no surprise)
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -62,6 +63,10 @@ class ConnectionDoctor:
 
         self._thread = threading.Thread(target=run, name="fedseg-probe", daemon=True)
         self._thread.start()
+
+    def job_ended(self, job_id: str) -> None:
+        """The server said its job ended: it may now stop; later lines say so."""
+        self._ended = job_id
 
     def supernode_exited(self) -> None:
         """The SuperNode ended (it gives up on TLS errors and refused keys): look again."""
@@ -110,7 +115,9 @@ class ConnectionDoctor:
         self._refused = self._refused or finding.kind == "auth"
         out = sys.stdout if finding.ok else sys.stderr
         tag = "" if finding.ok else f"cannot connect ({finding.kind}): "
-        print(PREFIX + tag + finding.line, file=out, flush=True)
+        note = (f" (job '{self._ended}' ended; waiting for the next job or a resume)"
+                if self._ended and not finding.ok else "")
+        print(PREFIX + tag + finding.line + note, file=out, flush=True)
 
 
 def _size(path: Path) -> int:
