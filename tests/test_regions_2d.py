@@ -4,10 +4,10 @@ ignore label changes neither the loss nor the Dice."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -20,16 +20,26 @@ from fedseg.data.labels import LabelLayout
 from fedseg.training.evaluate import case_metrics, evaluate_folders, label_groups
 from fedseg.training.losses import RegionDiceBCELoss, make_loss, mark_ignored
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "FLWR_TELEMETRY_ENABLED": "0",
-       "FLWR_DISABLE_UPDATE_CHECK": "1"}
 REGIONS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
 
 
-def fedseg(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "fedseg.cli", *args], capture_output=True,
-                         text=True, timeout=timeout, env=ENV)
-    assert "Traceback" not in res.stderr, res.stderr
-    return res
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fedseg(*args: str) -> Result:
+    """``fedseg ARGS`` in this process (``fedseg.cli.main``: the same parser and error
+    handling as the console script, without paying a fresh torch import per command)."""
+    from fedseg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def _fundus_like(root: Path, n: int, split: str = "Tr", seed: int = 0) -> None:
