@@ -352,8 +352,9 @@ def _follow(fed: Federation, run_id: int, run: RunDir, timeout: float, quiet: bo
                 elif r.get("phase") == "train":
                     print(f"  round {r['round']}: {r.get('status')} "
                           f"sites {r.get('sites_ok')}/{r.get('sites_asked')} "
-                          f"loss {r.get('loss', float('nan')):.4f} ({r.get('seconds', 0):.1f} s)",
-                          flush=True)
+                          f"loss {r.get('loss', float('nan')):.4f} ({r.get('seconds', 0):.1f} s)"
+                          + (f": {r['reason']}" if r.get("status") != "ok" and r.get("reason")
+                             else ""), flush=True)
             elif r.get("status") in ("dropped", "rejected", "refused") and not quiet:
                 print(f"  {r.get('phase')}: {r.get('site', r.get('node'))} {r['status']}: "
                       f"{r.get('reason', '')}", flush=True)

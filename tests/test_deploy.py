@@ -548,7 +548,7 @@ def test_example_configs_name_every_field() -> None:
                 assert re.search(rf"^#?\s*{name}\s*=", text, re.M), f"{path.name}: {name} missing"
         job = ServerConfig.model_fields["job"].annotation
         known = set(model.model_fields) | set(job.model_fields)  # type: ignore[union-attr]
-        for sub in ("aggregation", "dp"):  # [job.aggregation], [job.dp]
+        for sub in ("aggregation", "dp", "robust"):  # [job.aggregation], [job.dp], [job.robust]
             known |= set(job.model_fields[sub].annotation.model_fields)  # type: ignore[union-attr]
         commented = re.findall(r"^#\s*(\w+)\s*=\s*(.+?)\s*(?:#.*)?$", text, re.M)
         for name, _ in commented:  # a commented-out option is a real one too

@@ -119,7 +119,8 @@ def test_secure_round_gives_weighted_mean_pooled_loss_and_count(pki: Path, tmp_p
 
     sec = SecureAggregation(str(pki / "roster.json"), None, 10.0, "job3", RUN_ID)
     shapes = {"w": (4, 5), "b": (5,)}
-    layout = (agg.flat_length(shapes), agg.train_int_fields())
+    # with per-round counts (a plan_file job; fingerprinted jobs keep them out of the rounds)
+    layout = (agg.flat_length(shapes), agg.train_int_fields(with_counts=True))
     rid = sec.new_round("train", 1)
     mask_reqs = _setup(pki, tmp_path, sec, rid, layout)
     server = sec.aggs[rid].server
@@ -152,7 +153,7 @@ def test_secure_round_gives_weighted_mean_pooled_loss_and_count(pki: Path, tmp_p
         np.testing.assert_allclose(mean[k], want, atol=1e-7)
     want_loss = sum(losses[s] * cases[s] for s in SITES) / n
     assert agg.pooled_loss(res.ints) == pytest.approx(want_loss, abs=1e-3)
-    assert res.num_clipped == 0
+    assert res.num_clipped == 0 and int(res.ints[agg.SITES_FIELD][0]) == 3  # the canary
 
 
 def test_site_refuses_its_own_bad_update(pki: Path, tmp_path: Path) -> None:
@@ -180,6 +181,7 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
     from types import SimpleNamespace as NS
 
     from fedseg.client import secure
+    from fedseg.server import secure_apply
     from fedseg.server.aggregate import ServerOptimizer, ServerOptimizerConfig
     from fedseg.server.job import FederatedJob
     from fedseg.server.rundir import RunDir
@@ -220,6 +222,8 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
              _name=lambda n: SITES[n], _send=send, _exchange=exchange,
              _log_eval=lambda *_: None, dead=set(), mute={}, calls=[], privacy=privacy,
              secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID))
+    # as the secure fingerprint would: N, the rounds' fixed denominator (server/secure_apply.py)
+    secure_apply.set_census(job, SITES, sum(cases.values()))
     job._reply_error = lambda r: FederatedJob._reply_error(job, r)
     job._train_exchange = lambda *a: FederatedJob._train_exchange(job, *a)
     job.bulk = bulk  # None: arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
@@ -245,9 +249,12 @@ def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path)
                      pm.TRAIN, pm.UNMASK, pm.TRAIN, pm.UNMASK]
     assert [p["status"] for p in pooled] == ["ok"] * 3
     assert [p["secagg"]["exchanges"] for p in pooled] == [4, 2, 2]
-    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and pooled[2]["cases"] == 28
+    # a partial round: weighted by the fingerprint's fixed N = 31 (server/secure_apply.py), and
+    # neither its case count nor its loss is unmasked or reported
+    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and "cases" not in pooled[2]
+    assert "loss" not in pooled[2] and "partial" in pooled[2] and pooled[0]["cases"] == 31
     assert pooled[0]["loss"] == pytest.approx((8 * 1 + 20 * 2 + 3 * 3) / 31, abs=1e-3)
-    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 28
+    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 31
     np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
     round_ids = [p["secagg"]["round_id"] for p in pooled]
     assert len(set(round_ids)) == 3 and all(r.startswith(f"{RUN_ID}/job5/") for r in round_ids)
@@ -294,8 +301,11 @@ def test_unmask_through_the_bulk_rendezvous(pki: Path, tmp_path: Path, bulk_serv
     assert job.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.TRAIN, pm.TRAIN]
     assert [p["status"] for p in pooled] == ["ok"] * 3
     assert [p["secagg"]["exchanges"] for p in pooled] == [3, 1, 1]
-    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and pooled[2]["cases"] == 28
-    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 28
+    # a partial round: weighted by the fingerprint's fixed N = 31 (server/secure_apply.py), and
+    # neither its case count nor its loss is unmasked or reported
+    assert pooled[2]["secagg"]["dropped"] == ["siteC"] and "cases" not in pooled[2]
+    assert "loss" not in pooled[2] and "partial" in pooled[2] and pooled[0]["cases"] == 31
+    want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31 + (8 * 0.01 + 20 * 0.02) / 31
     np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
     unmasks = [r for r in job.run.read_metrics() if r.get("step") == "unmask"]
     assert [(r["via_rendezvous"], r["via_flower"]) for r in unmasks] == [(3, 0), (3, 0), (2, 0)]

@@ -159,7 +159,15 @@ def fingerprint_reply(msg: Message, cfg: SiteLike, part: pm.SecAggPart,
 
         def values():
             ints = exact_sum.encode(vector, ag.config.num_sites, what=f"site {cfg.site}: fingerprint")
-            return np.zeros(0), {agg.FINGERPRINT_FIELD: ints}
+            out: dict[str, object] = {agg.FINGERPRINT_FIELD: ints}
+            fields = part.mask.int_fields if part.mask is not None else {}
+            if agg.TRAIN_CASES_FIELD in fields:  # N for the rounds' fixed denominator
+                from fedseg.client.app import _split
+
+                out[agg.TRAIN_CASES_FIELD] = [len(_split(cfg)[0])]  # type: ignore[arg-type]
+            if agg.SITES_FIELD in fields:
+                out[agg.SITES_FIELD] = [1]
+            return np.zeros(0), out
 
         reply, vec = ag.process(part, values)
     arrays = {pm.SECAGG_VECTOR: vec} if vec is not None else None
@@ -205,8 +213,11 @@ def train_reply(
     num_cases / case_scale (beyond the bound S the accountant assumes), and the case-weighted
     mean's divisor, the summed case count, depends on each site's private count."""
     assert req.secagg is not None
+    from fedseg.client import faults
+
+    delta, cheat = faults.tamper_delta(dict(delta), req.round, cfg.cache_dir)  # tests only
     try:
-        check_local_update(delta, req.max_update_norm)
+        check_local_update(delta, None if cheat else req.max_update_norm)
     except ValueError as err:
         raise UpdateRefused(f"site {cfg.site} refuses its own update: {err}") from None
     from fedseg.client.bulk_client import endpoint_of, reply_content
@@ -225,8 +236,10 @@ def train_reply(
                 delta = private_delta(cfg, req, delta, max_sites=ag.config.num_sites)
                 weight = 1.0
 
+            counts = mreq is not None and "num_samples" in mreq.int_fields  # plan_file jobs
+
             def values():
-                ints: dict[str, object] = agg.train_ints(num_cases, loss, int_max)
+                ints: dict[str, object] = agg.train_ints(num_cases, loss, int_max, counts)
                 if not req.per_site_metrics and req.eval_classes:
                     if evaluation is None:
                         ints.update(agg.eval_ints(0, {}, {}, req.eval_classes, int_max))
@@ -238,6 +251,8 @@ def train_reply(
                 return delta, ints
 
             reply, vec = ag.process(req.secagg, values, weight=weight, buffer=buf)
+        if vec is not None:
+            faults.replay_masked(vec, req.round, cfg.cache_dir)  # tests only (client/faults.py)
         # a long-lived worker takes the unmask step from the rendezvous (listen_for_step)
         step = env.step if env is not None and _BACKGROUND["on"] and vec is not None else None
         if step is not None:

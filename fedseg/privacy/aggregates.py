@@ -5,10 +5,17 @@ fixed point), its weighted delta
 
     v_i = (n_i / s) · delta_i          n_i = its training cases, s = ``case_scale``
 
-and, as exact integer fields, ``num_samples`` = n_i and ``loss`` = [round(n_i·max(l_i, 0)·1e3),
-round(n_i·max(-l_i, 0)·1e3)]. The server unmasks only Σ v_i, Σ n_i and Σ n_i·l_i and takes
-    mean delta = s · Σ v_i / Σ n_i        (the case-weighted FedAvg mean, as without SecAgg)
-    pooled loss = Σ n_i l_i / Σ n_i.
+and, as exact integer fields, ``sites`` = 1 (a canary: its sum must equal the number of
+survivors, ``server/plausibility.py``) and ``loss`` = [round(n_i·max(l_i, 0)·1e3),
+round(n_i·max(-l_i, 0)·1e3)]. The server unmasks only Σ v_i and Σ n_i·l_i and takes
+    mean delta = s · Σ v_i / N            N = Σ n_i summed ONCE, with the secure fingerprint
+    pooled loss = Σ n_i l_i / N           (only when every fingerprinted site survived)
+With all sites this is the case-weighted FedAvg mean, as without SecAgg; when sites drop it is
+the fixed-denominator estimator (McMahan et al. 2018, DP-FedAvg): the step shrinks by the
+dropped sites' share instead of the server learning Σ n_i over the survivors — which, over two
+rounds with different survivors, would give away a site's n_i by differencing (issue #13).
+Only a job without a fingerprint (``plan_file``) still sums ``num_samples`` = n_i per round
+(``with_counts``: N is unknown there) and divides by it.
 Why the public scale s: the value clip C must bound every coordinate of what is masked. Masking
 n_i·delta_i would tie C to the (unknown) site sizes; with s = the mean number of training cases
 per site (the server knows Σ n from the secure fingerprint sum, not any n_i), n_i/s is about 1
@@ -25,7 +32,8 @@ class where HD95 is finite; the server gets the case-weighted pooled means only 
 numbers the per-site path pools.
 
 Fingerprint: ``Fingerprint.to_vector()`` exactly encoded (:mod:`fedseg.privacy.exact_sum`) as
-the single integer field ``fingerprint``.
+the integer field ``fingerprint``, next to ``train_cases`` = n_i (N, released once) and the
+``sites`` canary.
 
 Integers are clamped to SecAgg's per-site maximum ⌊(2^32 - 1)/n⌋ (with n = roster size; far
 above any realistic value at these scales).
@@ -42,13 +50,17 @@ LOSS_SCALE = 1000.0
 DICE_SCALE = float(1 << 16)
 HD_SCALE = 100.0
 FINGERPRINT_FIELD = "fingerprint"
+SITES_FIELD = "sites"  # the canary: every site adds exactly 1
+TRAIN_CASES_FIELD = "train_cases"  # summed once, with the fingerprint: N, the fixed denominator
 
 
 # ---- layouts (the server sends them in the MaskRequest; the site fills them) --------------
 
 
-def train_int_fields(eval_classes: Sequence[str] = ()) -> dict[str, int]:
-    fields = {"num_samples": 1, "loss": 2}
+def train_int_fields(eval_classes: Sequence[str] = (), with_counts: bool = False) -> dict[str, int]:
+    """A training round's integer fields; ``with_counts`` adds ``num_samples`` (module docstring)."""
+    fields = {"num_samples": 1} if with_counts else {}
+    fields.update({SITES_FIELD: 1, "loss": 2})
     if eval_classes:
         fields.update(eval_int_fields(eval_classes))
     return fields
@@ -56,7 +68,7 @@ def train_int_fields(eval_classes: Sequence[str] = ()) -> dict[str, int]:
 
 def eval_int_fields(eval_classes: Sequence[str]) -> dict[str, int]:
     k = len(eval_classes)
-    return {"eval_cases": 1, "dice": k, "hd95": k, "hd95_cases": k}
+    return {SITES_FIELD: 1, "eval_cases": 1, "dice": k, "hd95": k, "hd95_cases": k}
 
 
 def flat_length(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -93,13 +105,16 @@ def eval_ints(
         ok = math.isfinite(hv)
         h.append(_clamp(num_cases * hv * HD_SCALE, int_max) if ok else 0)
         hc.append(num_cases if ok else 0)
-    return {"eval_cases": [min(num_cases, int_max)], "dice": d, "hd95": h, "hd95_cases": hc}
+    return {SITES_FIELD: [1], "eval_cases": [min(num_cases, int_max)], "dice": d, "hd95": h,
+            "hd95_cases": hc}
 
 
-def train_ints(num_cases: int, loss: float, int_max: int) -> dict[str, list[int]]:
+def train_ints(num_cases: int, loss: float, int_max: int,
+               with_counts: bool = False) -> dict[str, list[int]]:
     lo = num_cases * float(loss) * LOSS_SCALE if math.isfinite(loss) else 0.0
-    return {"num_samples": [min(num_cases, int_max)],
-            "loss": [_clamp(lo, int_max), _clamp(-lo, int_max)]}
+    out = {"num_samples": [min(num_cases, int_max)]} if with_counts else {}
+    out.update({SITES_FIELD: [1], "loss": [_clamp(lo, int_max), _clamp(-lo, int_max)]})
+    return out
 
 
 # ---- server side -------------------------------------------------------------------------
@@ -116,8 +131,9 @@ def unflatten(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[s
     return out
 
 
-def pooled_loss(ints: Mapping[str, np.ndarray]) -> float:
-    n = int(ints["num_samples"].sum())
+def pooled_loss(ints: Mapping[str, np.ndarray], n: int | None = None) -> float:
+    """Σ n_i l_i / n; ``n`` defaults to the summed ``num_samples``."""
+    n = int(ints["num_samples"].sum()) if n is None else int(n)
     if n <= 0:
         return float("nan")
     return float((int(ints["loss"][0]) - int(ints["loss"][1])) / LOSS_SCALE / n)

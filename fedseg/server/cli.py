@@ -268,6 +268,8 @@ def serve(cfg: ServerConfig, resume: bool = False, timeout: float = 7 * 24 * 360
                               "or secure_aggregation = false")
         load_roster(job.roster)
     ssl = sec.ssl
+    if ssl is not None:  # authenticated nodes: each must be the roster site its key is
+        job.robust = job.robust.model_copy(update={"require_site_keys": True})
     port = cfg.superlink_port or free_port(SUPERLINK_HOST)
     bulk_upstream = None
     if job.bulk_transport == "http":  # the model and updates: through the proxy, over its TLS

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedseg.config_io import load_toml  # noqa: F401  (re-export)
 from fedseg.privacy.dp import DPSettings
 from fedseg.server.aggregate import ServerOptimizerConfig
+from fedseg.server.plausibility import RobustConfig
 
 
 class JobConfig(BaseModel):
@@ -105,6 +106,11 @@ class JobConfig(BaseModel):
         description="[job.dp] differential privacy, off by default: enabled, clip_norm (L2 "
         "bound of each site's update), noise_multiplier or target_epsilon, delta; each pooled "
         "train record then logs dp_epsilon and dp_sigma (fedseg/privacy/dp.py)")
+    robust: RobustConfig = Field(
+        default_factory=RobustConfig,
+        description="[job.robust] against a dishonest site: plausibility checks on the unmasked "
+        "secure sums (a refused round is retried with the model unchanged) and the binding of "
+        "each node's authenticated key to its roster site (fedseg/server/plausibility.py)")
 
     tensorboard: bool = Field(
         default=False,

@@ -60,9 +60,11 @@ from fedseg.server.aggregate import (
 from fedseg.server.bulk_server import BulkServer
 from fedseg.server.config import JobConfig, train_request_fields
 from fedseg.server.outbox import Outbox, model_bytes, strip_prefix
+from fedseg.server.plausibility import robust_config
 from fedseg.server.replies import PullFailed, pull_ready
 from fedseg.server.rundir import RunDir, memory_mb, snapshot_name
 from fedseg.server.secure_rounds import SecureAggregation
+from fedseg.server.site_binding import check_claims
 
 Log = Callable[[str], None]
 
@@ -239,6 +241,8 @@ class FederatedJob:
                     err = str(perr)
             if err is None and self.plan is not None:
                 err = self._mismatch(info)
+            if err is None:  # the site is the one the node's key says (server/site_binding.py)
+                err = check_claims(self, {nid: info.site}).get(nid)
             if err is None and any(self.sites[n].info.site == info.site for n in new):
                 err = f"site name '{info.site}' is already used by another node"
             if err is None and sec is not None and info.site not in sec.config.roster:
@@ -765,6 +769,11 @@ class FederatedJob:
                                 sites={self._name(n): "active" for n in nodes})
             evaluate_first = (rnd - 1) % cfg.eval_every == 0  # round 1: the untrained model
             pooled = self.train_round(rnd, evaluate_first, nodes)
+            if pooled["status"] == "refused" and retries < robust_config(cfg).refused_retries:
+                retries += 1  # implausible sums, not applied (server/plausibility.py)
+                self.log(f"round {rnd}: refused, retry {retries}/"
+                         f"{robust_config(cfg).refused_retries} with the global model unchanged")
+                continue
             if pooled["status"] != "ok":
                 if cfg.on_too_few_sites == "fail":
                     raise FedsegError(f"round {rnd}: only {pooled['sites_ok']} good update(s), "

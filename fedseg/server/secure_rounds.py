@@ -30,9 +30,12 @@ resumed round always has fresh keys.
 
 Update validation: the server cannot check one site's update any more (it never sees one).
 Each site checks its own before masking (finite, L2 norm <= ``max_update_norm``; see
-``fedseg/client/secure.py``) and the server checks the unmasked SUM (finite; the number of
-clipped values is logged). A malicious site can still send a bad (finite, clipped) update:
-that is the price of not seeing individual updates.
+``fedseg/client/secure.py``) and the server checks the unmasked SUMS before applying them
+(``server/plausibility.py``: a masked canary, the clip count, the mean step's norm against the
+bound, the model and the round history; ``server/secure_apply.py``): an implausible round is
+refused with the model unchanged and retried. A malicious site can still send a bad update
+whose effect on the mean stays within those bounds (docs/security-notes.md §9). The mean is
+weighted with the fingerprint's fixed case count, so no per-round case count is unmasked.
 
 Differential privacy (job ``dp``, off by default; ``fedseg/privacy/dp.py``): the TRAIN message
 carries ``DPParams`` with n = the sites asked; each site clips its delta to S and adds its noise
@@ -43,7 +46,6 @@ survivors and accounts the release with noise multiplier z·√(m/n) (``dp_epsil
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -69,8 +71,8 @@ from fedseg.privacy.secagg import (
 from fedseg.protocol import messages as pm
 from fedseg.protocol.bulk import BulkRendezvous
 from fedseg.protocol.records import pack, payload_bytes, unpack
+from fedseg.server import secure_apply
 from fedseg.server.config import train_request_fields
-from fedseg.server.rundir import memory_mb
 
 if TYPE_CHECKING:
     from fedseg.server.job import FederatedJob
@@ -314,7 +316,8 @@ def _step_answer(body: bytes) -> tuple[pm.SecAggStepReply | None, str | None]:
 def fingerprint_sum(job: FederatedJob, rid: str, length: int, next_rid: str) -> np.ndarray:
     """The exact sum of every enrolled site's fingerprint vector; all sites must take part."""
     nodes = list(job.sites)
-    layout = (0, {agg.FINGERPRINT_FIELD: exact_sum.encoded_length(length)})
+    layout = (0, {agg.FINGERPRINT_FIELD: exact_sum.encoded_length(length),
+                  agg.TRAIN_CASES_FIELD: 1, agg.SITES_FIELD: 1})
     try:
         ready = setup(job, rid, nodes, layout, "fingerprint")
         if len(ready) != len(nodes):
@@ -339,7 +342,12 @@ def fingerprint_sum(job: FederatedJob, rid: str, length: int, next_rid: str) -> 
         res = unmask(job, rid, nodes)
     except SecAggAbort as err:
         raise FedsegError(f"fingerprint: secure aggregation failed: {err}") from None
+    if int(res.ints[agg.SITES_FIELD][0]) != len(res.survivors):  # server/plausibility.py
+        raise FedsegError("fingerprint: the secure sum's canary does not match the sites; some "
+                          "upload was not masked for this sum (a replayed or forged vector)")
     total = exact_sum.decode(res.ints[agg.FINGERPRINT_FIELD], length)
+    # N, the rounds' fixed denominator (server/secure_apply.py), and the sites it covers
+    secure_apply.set_census(job, res.survivors, int(res.ints[agg.TRAIN_CASES_FIELD][0]))
     if not np.isfinite(total).all():
         raise FedsegError("fingerprint: the securely summed fingerprint is not finite")
     return total
@@ -362,8 +370,10 @@ def eval_classes(job: FederatedJob) -> list[str]:
 def train_layout(job: FederatedJob, rnd: int) -> tuple[int, dict[str, int]]:
     cfg = job.cfg
     with_eval = (not cfg.per_site_metrics) and (rnd - 1) % cfg.eval_every == 0
+    from fedseg.server.secure_apply import counts_per_round
+
     return (agg.flat_length(shapes(job)),
-            agg.train_int_fields(eval_classes(job) if with_eval else ()))
+            agg.train_int_fields(eval_classes(job) if with_eval else (), counts_per_round(job)))
 
 
 def case_scale(job: FederatedJob) -> float:
@@ -446,7 +456,7 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
                             advertise=[next_rid] if next_rid else []),
             max_update_norm=cfg.max_update_norm, case_scale=scale,
             per_site_metrics=cfg.per_site_metrics,
-            eval_classes=classes if len(layout[1]) > 2 else [], dp=dp,
+            eval_classes=classes if "eval_cases" in layout[1] else [], dp=dp,
         )
         if job.bulk is not None:  # the unmask step can come through the bulk server
             steps[nid] = job.bulk.rendezvous()
@@ -497,6 +507,11 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             sec.drop(rid)
             return fail(f"{ok} masked update(s), need {need} (min_sites={cfg.min_sites}, "
                         f"secure-aggregation threshold {sec.config.threshold}); nothing was unmasked")
+        guard = secure_apply.retry_guard(job, rnd, a.server)
+        if guard is not None:  # nothing unmasked; job.py retries (or gives up on) the round
+            sec.drop(rid)
+            pooled["sites_ok"] = ok
+            return secure_apply.refuse(job, rnd, pooled, [guard], t0)
         next_share = prepare_share(job, rnd + 1) if next_rid else None
         try:
             res = unmask(job, rid, nodes, next_share,
@@ -510,32 +525,9 @@ def train_round(job: FederatedJob, rnd: int, evaluate_first: bool, nodes: list[i
             job.bulk.close_rendezvous(rv.token)  # type: ignore[union-attr]
     if dp is not None:  # the noised sum is out: account it even if it is not applied below
         pooled.update(priv.release(dp.n_sites, len(res.survivors)))
-    n_total = res.num_samples
-    if n_total <= 0:
-        res.release()
-        return fail("the summed case count is 0")
-    # DP: unweighted mean of the clipped, noised deltas (why: fedseg/privacy/dp.py, Weighting)
-    factor = (1.0 / len(res.survivors)) if dp is not None else (scale / n_total)
-    if not math.isfinite(factor):
-        res.release()
-        return fail("the mean's scale factor is not finite; not applied")
-    # straight from the ring sum into float32 tensors: no float64 copy of the whole vector
-    sh = shapes(job)
-    mean_delta = res.mean_parts(factor, [(k, sh[k]) for k in sorted(sh)])
-    res.release()
-    job.state.weights = job.opt.step(job.state.weights, mean_delta)
-    if len(layout[1]) > 2:
-        pe = agg.pooled_eval(res.ints, classes)
-        if pe is not None:
-            log_pooled_eval(job, rnd - 1, pe)
-    pooled.update(status="ok", sites_ok=len(res.survivors), loss=agg.pooled_loss(res.ints),
-                  cases=n_total, seconds=round(time.monotonic() - t0, 3),
-                  secagg={"round_id": res.round_id, "survivors": res.survivors,
-                          "dropped": res.dropped, "recovered": bool(res.dropped),
-                          "excluded": res.excluded, "num_clipped": res.num_clipped,
-                          "exchanges": exchanges}, **memory_mb())
-    job.run.log(pooled)
-    return pooled
+    # weights, plausibility checks, the step or a refusal: server/secure_apply.py
+    return secure_apply.finish_round(job, rnd, res, layout, pooled, scale, dp, classes, t0,
+                                     exchanges)
 
 
 def log_pooled_eval(job: FederatedJob, after_round: int, pe: dict) -> float:
@@ -576,6 +568,13 @@ def final_evaluation(job: FederatedJob) -> None:
     except SecAggAbort as err:
         _event(job, step="final-eval", round_id=rid, status="aborted", reason=str(err))
         sec.drop(rid)
+        return
+    from fedseg.server import plausibility as pl
+
+    problems = pl.check_sums(res.ints, res.num_clipped, len(res.survivors), 0,
+                             pl.robust_config(job.cfg))
+    if problems:  # a replayed or forged evaluation upload: no pooled evaluation is made of it
+        _event(job, step="final-eval", round_id=rid, status="refused", reason="; ".join(problems))
         return
     pe = agg.pooled_eval(res.ints, classes)
     if pe is not None:
