@@ -172,7 +172,8 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
     hide = req.hide_case_counts  # secure aggregation: the counts go into secure sums only
     reply = pm.EnrolReply(
         site=cfg.site, channel_names=ds.channel_names, labels=ds.labels,
-        file_ending=ds.file_ending, num_training_cases=None if hide else len(train),
+        regions_class_order=ds.regions_class_order, file_ending=ds.file_ending,
+        num_training_cases=None if hide else len(train),
         num_validation_cases=None if hide else len(val), gpu_memory_gb=gpu, device=device,
         secagg=secure.plain_part(msg, cfg, req.secagg),
     )
@@ -236,7 +237,7 @@ def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -
     _, val = _split(cfg)
     device = resolve_device(cfg.device)
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
-    net = load_network(plan, "3d_fullres", state, cfg.preprocessed_root).to(device)
+    net = load_network(plan, plan.default_configuration, state, cfg.preprocessed_root).to(device)
     ds = PreprocessedDataset(cache_folder(cfg.preprocessed_root, plan))
     missing: dict[str, int] = {}
     dice, hd, secs = evaluate_cases(net, plan, ds, val, device, hd95_missing=missing)

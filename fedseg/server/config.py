@@ -63,6 +63,9 @@ class JobConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
     plan_preset: Literal["nnunet", "tiny"] = "nnunet"
+    configuration: Literal["2d", "3d_fullres"] | None = Field(
+        default=None, description="the plan configuration the sites train: 2d or 3d_fullres; "
+        "unset: nnU-Net's choice (3d_fullres for 3D data, 2d for 2D data)")
     plan_file: str | None = Field(
         default=None,
         description="use this plan (JSON from 'fedseg plan' or a run's plan.json) instead of "

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
-from fedseg.planning.plan import Plan
+from fedseg.planning.plan import Plan, with_configuration
 from fedseg.privacy.dp import JobAccountant
 from fedseg.privacy.keys import SecAggAbort
 from fedseg.protocol import messages as pm
@@ -314,6 +314,7 @@ class FederatedJob:
         plan = plan_from_fingerprint_sum(total, ds, gpu_memory_gb=budget,
                                          dataset_name=Path(self.cfg.run_dir).name,
                                          preset=self.cfg.plan_preset)
+        plan = with_configuration(plan, self.cfg.configuration)
         plan.save(self.run.plan_path)
         self.run.log({"phase": "plan", "plan_hash": plan.hash(), "sites": len(nodes),
                       "gpu_memory_gb": budget, "secure_aggregation": self.secure is not None})
@@ -325,6 +326,7 @@ class FederatedJob:
         from fedseg.config_io import load_json_model
 
         plan = load_json_model(path, Plan, "no such plan file; fix the job's 'plan_file'")
+        plan = with_configuration(plan, self.cfg.configuration)
         for s in self.sites.values():
             if s.info.channel_names != plan.channel_names or s.info.labels != plan.labels:
                 raise FedsegError(
