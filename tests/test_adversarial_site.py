@@ -20,7 +20,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from fedseg.server.site_binding import SiteBinding
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_secure_wiring import SITES, _in_process_job  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 RC = pl.RobustConfig()
 
@@ -178,13 +178,6 @@ site_wait_s = 60
 """
 
 
-def _wait(cond, timeout: float, what: str, diag=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diag()}")
 
 
 @pytest.mark.slow
@@ -219,7 +212,7 @@ def test_wrecking_update_replay_and_impostor_are_refused(tmp_path: Path) -> None
 
     try:
         server.start()
-        _wait(lambda: (tmp_path / "state" / "node_ids.json").is_file(), 120, "registration", diag)
+        wait_until(lambda: (tmp_path / "state" / "node_ids.json").is_file(), 120, "registration", diag)
         client("siteA", data[0])
         client("siteB", data[1], {"FEDSEG_FAULT_INJECT": "scale-update:1e6@2,replay-masked@3"})
         client("siteC", data[2])
@@ -228,7 +221,7 @@ def test_wrecking_update_replay_and_impostor_are_refused(tmp_path: Path) -> None
             return {r["site"] for r in run.read_metrics()
                     if r["phase"] == "enrol" and r["status"] == "ok"}
 
-        _wait(lambda: enrolled() >= {"siteA", "siteB", "siteC"}, 600, "3 sites enrolled", diag)
+        wait_until(lambda: enrolled() >= {"siteA", "siteB", "siteC"}, 600, "3 sites enrolled", diag)
         # the impostor: siteD's key, claiming siteA, with a roster doctored to match its key
         doctored = json.loads((pki / "roster.json").read_text())
         doctored["sites"]["siteA"] = doctored["sites"]["siteD"]

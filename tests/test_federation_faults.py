@@ -20,11 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from waiting import wait_until
 
 from fedseg.data.demo import make_demo_data
 from fedseg.privacy.provision import provision
@@ -40,13 +40,6 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 ENV.pop("FEDSEG_FAULT_INJECT", None)
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str, diag: Callable[[], str] = str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diag()}")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -98,17 +91,17 @@ def test_site_killed_mid_round_rejoins_and_nan_update_is_rejected(tmp_path: Path
         fed.start_site(sites[0])
         fed.start_site(sites[1], env_extra={"FEDSEG_FAULT_INJECT": "nan-update@1"})
         fed.start_site(sites[2])
-        _wait(lambda: _online(fed.env) == 3, 120, "3 SuperNodes online")
+        wait_until(lambda: _online(fed.env) == 3, 120, "3 SuperNodes online")
         run_id = fed.submit(job)
         # round 2 has been sent: kill siteC (SuperNode + ClientApp) while the sites train
-        _wait(lambda: run.status().get("phase") == "training" and run.status().get("round") == 2,
+        wait_until(lambda: run.status().get("phase") == "training" and run.status().get("round") == 2,
               600, "round 2", lambda: json.dumps(run.status()))
         time.sleep(1)
         fed.kill_site("siteC")
         t_kill = time.monotonic()
         time.sleep(2)
         fed.start_site(sites[2])  # the hospital restarts it: a new SuperNode, a new node id
-        _wait(lambda: any(r["round"] == 2 for r in _pooled_train(_metrics(run_dir))), 300,
+        wait_until(lambda: any(r["round"] == 2 for r in _pooled_train(_metrics(run_dir))), 300,
               "round 2 to complete", lambda: json.dumps(run.status()))
         t_round_done = time.monotonic()
         status = follow(fed, run_id, run, timeout=900, quiet=True)
@@ -248,7 +241,7 @@ def test_server_crash_then_resume_with_real_clis(tmp_path: Path) -> None:
             st = run.status()
             return st.get("phase") == "training" and st.get("round") == 3
 
-        _wait(round3_started, 600, "round 3", lambda: procs.out("server"))
+        wait_until(round3_started, 600, "round 3", lambda: procs.out("server"))
         # into the round, with its messages out; a round here takes ~5 s (30 local iterations;
         # with 10 a secure round took 2-3 s and could end before the kill)
         time.sleep(1)
@@ -322,7 +315,7 @@ def test_ctrl_c_on_simulate_stops_everything(tmp_path: Path) -> None:
             return st_path.is_file() and json.loads(st_path.read_text() or "{}").get(
                 "phase") in ("preprocess", "training")
 
-        _wait(training, 300, "simulate to reach preprocessing/training",
+        wait_until(training, 300, "simulate to reach preprocessing/training",
               lambda: (tmp_path / "sim.out").read_text())
         time.sleep(2)
         port = re.search(r"SuperLink 127\.0\.0\.1:(\d+)", (tmp_path / "sim.out").read_text())
