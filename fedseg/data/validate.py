@@ -57,11 +57,9 @@ def _read(path: Path, problems: list[str]) -> _Volume | None:
     """Read one image file (any supported format); on failure add a problem line, None."""
     from fedseg.data.io import read_image
 
-    if path.is_symlink() and not path.exists():
-        problems.append(f"{path}: broken or looping symbolic link; point it at a real file")
-        return None
-    if not path.is_file():
-        return None  # the caller reports missing files with case context
+    if not path.is_file() and not path.is_symlink():
+        return None  # the caller reports missing files with case context; the reader names
+        # a broken or looping link (fedseg.data.io.base.open_check)
     try:
         img = read_image(path)
     except FedsegError as err:

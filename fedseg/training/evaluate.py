@@ -39,17 +39,11 @@ import numpy as np
 import torch
 
 from fedseg.data.dataset import load_nifti, read_dataset_json
-from fedseg.data.io import SUPPORTED_ENDINGS, ending_of
+from fedseg.data.io import SUPPORTED_ENDINGS, ending_of, strip_ending
 from fedseg.errors import FedsegError
 
 METRICS = ("Dice", "HD95")
 
-
-def _strip_ending(name: str) -> str | None:
-    if name.endswith(".json"):  # a 3D TIFF's spacing file
-        return None
-    end = ending_of(name)
-    return name[: -len(end)] if end else None
 
 
 def label_groups(labels: Mapping[str, int | list[int]]) -> dict[str, list[int]]:
@@ -149,7 +143,7 @@ def json_safe(obj):
 def _nifti_files(folder: Path) -> dict[str, Path]:
     out = {}
     for p in sorted(folder.iterdir()):
-        stem = _strip_ending(p.name)
+        stem = strip_ending(p.name)
         if stem is not None and p.is_file() and not p.name.startswith("."):
             out[stem] = p
     return out

@@ -29,7 +29,7 @@ import torch
 from pydantic import ValidationError
 
 from fedseg.data.dataset import CaseFiles, DatasetJson, load_case
-from fedseg.data.io import SUPPORTED_ENDINGS, ending_of, io_for, io_for_ending
+from fedseg.data.io import SUPPORTED_ENDINGS, ending_of, io_for, io_for_ending, strip_ending
 from fedseg.data.labels import LabelLayout
 from fedseg.errors import FedsegError
 from fedseg.models.bundle import load_bundle
@@ -65,11 +65,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 # inputs
 
 
-def _strip_ending(name: str) -> str | None:
-    end = ending_of(name)
-    return name[: -len(end)] if end else None
-
-
 def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> list[CaseFiles]:
     """Group image files into cases (``CASE_XXXX<ending>`` = channel XXXX of CASE).
 
@@ -87,7 +82,7 @@ def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> 
                 return group_inputs([folder], ds)
             raise FedsegError(f"{folder}: no such file or folder; give image files or a folder")
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and _strip_ending(p.name) and not p.name.endswith(".json"))
+                       and strip_ending(p.name))
         if not files:
             raise FedsegError(
                 f"{folder}: no {kinds} files; give a folder of CASE_0000{ds.file_ending}"
@@ -100,7 +95,7 @@ def group_inputs(inputs: str | Path | Sequence[str | Path], ds: DatasetJson) -> 
     for p in files:
         if not p.is_file():
             raise FedsegError(f"{p}: missing input file")
-        stem = _strip_ending(p.name)
+        stem = strip_ending(p.name)
         if stem is None:
             raise FedsegError(f"{p}: not an image file name ({kinds} expected)")
         m = _CHANNEL_RE.match(stem)

@@ -28,6 +28,13 @@ def ending_of(name: str) -> str | None:
     return None
 
 
+def strip_ending(name: str) -> str | None:
+    """``name`` without its supported image ending; None when it has none (e.g. a 3D TIFF's
+    spacing ``.json``)."""
+    end = ending_of(name)
+    return name[: -len(end)] if end else None
+
+
 def io_for_ending(ending: str, example: Path | None = None) -> ImageIO:
     """The reader for ``ending``; ``.tif`` is a 3D stack when ``example`` has a spacing json
     beside it (nnU-Net's ``Tiff3DIO``), else a natural 2D image."""
@@ -58,5 +65,5 @@ def read_image(path: Path) -> LoadedImage:
 
 __all__ = [
     "SUPPORTED_ENDINGS", "ImageIO", "LoadedImage", "ending_of", "io_for", "io_for_ending",
-    "read_image",
+    "read_image", "strip_ending",
 ]
