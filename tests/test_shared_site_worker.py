@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_federation_faults import _wait
+from waiting import wait_until
 
 from fedseg.client.app import _TrainerCache
 from fedseg.client.worker import _shared_retry_invoker, worker_argv
@@ -158,7 +158,7 @@ def test_site_sharing_a_worker_killed_mid_round_rejoins(tmp_path: Path) -> None:
         secure_aggregation=False, site_wait_s=120)
 
     def wait(cond, timeout: float, what: str) -> None:  # noqa: ANN001
-        _wait(cond, timeout, what, diag=lambda: json.dumps(run.status()))
+        wait_until(cond, timeout, what, diag=lambda: json.dumps(run.status()))
 
     with Federation(tmp_path, sites, device="cpu", sites_per_worker=3) as fed:
         fed.require_secure_aggregation = False
