@@ -301,7 +301,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     train_ids, _ = _split(cfg)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
-                       initial_lr=req.initial_lr,
+                       initial_lr=req.initial_lr, momentum=req.momentum,
                        save_weights=False)  # the server sends them every round
     key = (str(state_dir), plan.hash(), tcfg.model_dump_json(), tuple(train_ids))
     trainer = _TRAINERS.take(key, state_dir, site=str(cfg.cache_dir))

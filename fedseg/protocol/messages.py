@@ -199,6 +199,7 @@ class TrainRequest(Msg):
     proximal_mu: float = 0.0
     seed: int = 0
     initial_lr: float = Field(default=0.01, gt=0, description="the sites' poly schedule starts here")
+    momentum: float = Field(default=0.99, ge=0, lt=1, description="the sites' SGD (Nesterov) momentum")
     reset_momentum: bool = Field(
         default=False, description="clear the site's SGD momentum before this round's steps"
     )

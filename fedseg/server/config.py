@@ -47,6 +47,9 @@ class JobConfig(BaseModel):
     site_momentum: Literal["keep", "reset"] = Field(
         default="reset", description="each site's SGD momentum buffer between rounds: reset at "
         "the start of every round (measured better: BENCHMARKS.md) or kept on the site's disk")
+    site_momentum_beta: float = Field(
+        default=0.99, ge=0, lt=1, description="the sites' SGD (Nesterov) momentum: nnU-Net's "
+        "0.99 by default (BENCHMARKS.md, 'federated recipe', for the measured alternatives)")
     max_update_norm: float | None = Field(default=None, gt=0)
     round_timeout_s: float = Field(
         default=3600.0, gt=0,
@@ -150,6 +153,7 @@ def train_request_fields(
         "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,
         "seed": cfg.seed, "evaluate_first": evaluate_first,
         "reset_momentum": cfg.site_momentum == "reset", "initial_lr": cfg.site_lr,
+        "momentum": cfg.site_momentum_beta,
     }
 
 
