@@ -228,6 +228,7 @@ def settings(job: dict[str, Any], plan: dict[str, Any], recs: list[dict[str, Any
         out.append(("evaluation", f"every {job.get('eval_every', '?')} round(s) and after the last"))
         out.append(("aggregation", kind + detail))
         out.append(("site learning rate", f"{job.get('site_lr', '?')} (poly schedule), momentum "
+                                          f"{job.get('site_momentum_beta', 0.99)}, "
                                           f"{job.get('site_momentum', '?')} each round"))
         thr = job.get("secagg_threshold") or "floor(n/2)+1"
         per_site = "on" if job.get("per_site_metrics", True) else "off"
