@@ -20,105 +20,25 @@ update with NaN, which the server must reject. Nothing sets it outside tests.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseg.client.bulk_client import BulkEndpoint, endpoint_of, receive, reply_content
+from fedseg.client import faults, secure
+from fedseg.client.bulk_client import receive, reply_content
+from fedseg.client.cases import train_val_ids
+from fedseg.client.errors import PlainRequestRefused
+from fedseg.client.job_end import record_job_end
+from fedseg.client.site_config import SiteConfig, handler
 from fedseg.errors import FedsegError
 from fedseg.protocol import messages as pm
-from fedseg.protocol.records import pack, pack_error, unpack
+from fedseg.protocol.records import pack, unpack
 
 app = ClientApp()
-
-
-@dataclass
-class SiteConfig:
-    site: str
-    data_dir: Path
-    cache_dir: Path
-    device: str
-    gpu_memory_gb: float | None
-    node_config: dict = field(default_factory=dict)  # identity-key / roster (secure aggregation)
-
-    @property
-    def bulk(self) -> BulkEndpoint:
-        """How this site reaches the server's bulk transfers (``client/bulk_client.py``)."""
-        return endpoint_of(self.node_config)
-
-    @classmethod
-    def from_context(cls, context: Context) -> SiteConfig:
-        return cls.from_node_config(dict(context.node_config))
-
-    @classmethod
-    def from_node_config(cls, nc: dict) -> SiteConfig:
-        if "data-dir" not in nc:
-            raise FedsegError("node config has no 'data-dir'; start the site with fedseg-client")
-        data = Path(str(nc["data-dir"]))
-        cache = Path(str(nc.get("cache-dir", data / ".fedseg_cache")))
-        gpu = nc.get("gpu-memory-gb")
-        return cls(
-            site=str(nc.get("site", data.name)),
-            data_dir=data,
-            cache_dir=cache,
-            device=str(nc.get("device", "auto")),
-            gpu_memory_gb=float(gpu) if gpu not in (None, "", 0) else None,
-            node_config=dict(nc),
-        )
-
-    @property
-    def preprocessed_root(self) -> Path:
-        return self.cache_dir / "preprocessed"
-
-
-def _handler(fn: Callable[[Message, SiteConfig], Message]) -> Callable[[Message, Context], Message]:
-    @functools.wraps(fn)
-    def wrapper(msg: Message, context: Context) -> Message:
-        return run_local(fn, msg, dict(context.node_config))
-
-    return wrapper
-
-
-def run_local(fn: Callable[[Message, SiteConfig], Message], msg: Message, node_config: dict) -> Message:
-    """``fn`` in this process; errors become an ``ErrorReply`` (one clear line for what the site
-    can fix, the exception's repr otherwise), never a remote traceback."""
-    site = str(node_config.get("site", "?"))
-    try:
-        cfg = SiteConfig.from_node_config(node_config)
-        return fn(msg, cfg)
-    except Exception as err:
-        return Message(pack_error(error_reply(site, err)), reply_to=msg)
-
-
-def error_reply(site: str, err: Exception) -> pm.ErrorReply:
-    """What the server is told of a failure at the site: one clear line for what the site can
-    fix (its kind names which), the exception's repr otherwise (its traceback is printed here)."""
-    from fedseg.client.secure import UpdateRefused
-    from fedseg.privacy.keys import SecAggAbort
-
-    if isinstance(err, (FedsegError, pm.ProtocolError)):
-        print(f"[fedseg-client {site}] {err}", flush=True)
-        kind = ("refused" if isinstance(err, PlainRequestRefused) else
-                "secagg" if isinstance(err, SecAggAbort) else
-                "rejected" if isinstance(err, UpdateRefused) else "data")
-        return pm.ErrorReply(site=site, kind=kind, message=str(err))
-    # report, don't hide: the server logs it in metrics.jsonl
-    traceback.print_exception(err)
-    return pm.ErrorReply(site=site, kind="internal", message=" ".join(repr(err).split())[:500])
-
-
-class PlainRequestRefused(FedsegError):
-    """Node config ``require-secure-aggregation`` (on unless set false: ``fedseg-client``'s
-    ``require_secure_aggregation``): the request would make the site send its fingerprint, model
-    update or case counts UNMASKED, so the site does not answer it."""
 
 
 def _require_masked(cfg: SiteConfig, masked: bool, what: str) -> None:
@@ -127,15 +47,6 @@ def _require_masked(cfg: SiteConfig, masked: bool, what: str) -> None:
             f"site '{cfg.site}' refuses to send its {what} unmasked: it requires secure "
             "aggregation; run the job with secure_aggregation = true (the default), or set "
             "require_secure_aggregation = false in the site's client.toml")
-
-
-def _split(cfg: SiteConfig) -> tuple[list[str], list[str]]:
-    from fedseg.data.dataset import list_cases, read_dataset_json
-    from fedseg.data.splits import split_cases
-
-    ds = read_dataset_json(cfg.data_dir)
-    ids = [c.case_id for c in list_cases(cfg.data_dir, ds, "Tr")]
-    return split_cases(ids)
 
 
 def _device_info(cfg: SiteConfig) -> tuple[str, float]:
@@ -153,7 +64,7 @@ def _device_info(cfg: SiteConfig) -> tuple[str, float]:
 
 
 @app.query("enrol")
-@_handler
+@handler
 def enrol(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.data.dataset import read_dataset_json
     from fedseg.data.validate import validate_dataset
@@ -162,12 +73,10 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
     if problems:
         more = f" (and {len(problems) - 1} more; run 'fedseg check-data')" if len(problems) > 1 else ""
         raise FedsegError(problems[0] + more)
-    from fedseg.client import secure
-
     req, _ = unpack(msg.content, pm.EnrolRequest)
     _require_masked(cfg, req.hide_case_counts, "case counts")
     ds = read_dataset_json(cfg.data_dir)
-    train, val = _split(cfg)
+    train, val = train_val_ids(cfg.data_dir)
     device, gpu = _device_info(cfg)
     hide = req.hide_case_counts  # secure aggregation: the counts go into secure sums only
     reply = pm.EnrolReply(
@@ -181,7 +90,7 @@ def enrol(msg: Message, cfg: SiteConfig) -> Message:
 
 
 @app.query("fingerprint")
-@_handler
+@handler
 def fingerprint(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.planning.fingerprint import compute_fingerprint
 
@@ -190,15 +99,13 @@ def fingerprint(msg: Message, cfg: SiteConfig) -> Message:
     fp = compute_fingerprint(cfg.data_dir)
     vec = np.asarray(fp.to_vector(), dtype=np.float64)
     if req.secagg is not None:  # exactly encoded into the secure sum: only the sum is seen
-        from fedseg.client import secure
-
         return secure.fingerprint_reply(msg, cfg, req.secagg, vec)
     return Message(pack(pm.FingerprintReply(site=cfg.site, num_cases=fp.num_cases),
                         {"fingerprint": vec}), reply_to=msg)
 
 
 @app.query("prepare")
-@_handler
+@handler
 def prepare(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.planning.plan import Plan
     from fedseg.training.preprocess import PreprocessedDataset, preprocess_dataset
@@ -209,8 +116,6 @@ def prepare(msg: Message, cfg: SiteConfig) -> Message:
     t0 = time.monotonic()
     folder = preprocess_dataset(cfg.data_dir, plan, cfg.preprocessed_root, req.config)
     n = len(PreprocessedDataset(folder))
-    from fedseg.client import secure
-
     part = secure.plain_part(msg, cfg, req.secagg)  # round 1's share keys ride here
     return Message(pack(pm.PrepareReply(site=cfg.site, num_cases=None if req.hide_case_counts else n,
                                         seconds=time.monotonic() - t0, secagg=part)),
@@ -234,7 +139,7 @@ def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -
     from fedseg.training.preprocess import PreprocessedDataset, cache_folder
     from fedseg.training.validation import evaluate_cases
 
-    _, val = _split(cfg)
+    _, val = train_val_ids(cfg.data_dir)
     device = resolve_device(cfg.device)
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
     net = load_network(plan, plan.default_configuration, state, cfg.preprocessed_root).to(device)
@@ -289,7 +194,7 @@ _TRAINERS = _TrainerCache()
 
 
 @app.train()
-@_handler
+@handler
 def train(msg: Message, cfg: SiteConfig) -> Message:
     from fedseg.training.preprocess import cache_folder
     from fedseg.training.trainer import LocalTrainer, TrainConfig
@@ -298,7 +203,7 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     _require_masked(cfg, req.secagg is not None, "model update and case count")
     plan = _load_plan(cfg, req.plan_hash)
     evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
-    train_ids, _ = _split(cfg)
+    train_ids, _ = train_val_ids(cfg.data_dir)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
                        initial_lr=req.initial_lr, momentum=req.momentum,
@@ -319,14 +224,10 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     delta = {f"d/{k}": (res.weights[k].numpy().astype(np.float32) - weights[k]) for k in weights}
     delta = _fault_injected(delta, req.round)  # test hook, off by default (module docstring)
     if req.secagg is not None:  # checked here, weighted, clipped and masked: see client/secure.py
-        from fedseg.client import secure
-
         return secure.train_reply(
             msg, cfg, req, {k[len("d/"):]: v for k, v in delta.items()}, len(train_ids),
             res.loss, evaluation, res.iterations, res.seconds, res.iterations_per_s)
     if req.dp is not None:  # differential privacy: clipped + noise share before it leaves
-        from fedseg.client import secure
-
         delta = secure.private_delta(cfg, req, delta)
     reply = pm.TrainReply(
         site=cfg.site, num_cases=len(train_ids), iterations=res.iterations, loss=res.loss,
@@ -342,8 +243,7 @@ FAULT_ENV = "FEDSEG_FAULT_INJECT"
 def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndarray]:
     if not os.environ.get(FAULT_ENV, "").strip():
         return delta
-    from fedseg.client import faults  # the other kinds act under secure aggregation there
-
+    # the other kinds of fault act under secure aggregation (client/secure.py)
     if not any(f.kind == "nan-update" and f.round in (None, rnd) for f in faults.parse()):
         return delta
     first = next(iter(delta))
@@ -353,33 +253,27 @@ def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndar
 
 
 @app.evaluate()
-@_handler
+@handler
 def evaluate(msg: Message, cfg: SiteConfig) -> Message:
     req, weights = receive(msg, pm.EvalRequest, cfg.bulk)
     plan = _load_plan(cfg, req.plan_hash)
     result = _evaluate(cfg, plan, weights, req.round)
     if req.secagg is not None:  # per-site metrics off: into the secure sum
-        from fedseg.client import secure
-
         return secure.eval_reply(msg, cfg, req, result)
     return Message(pack(result), reply_to=msg)
 
 
 @app.query("share_keys")
-@_handler
+@handler
 def share_keys(msg: Message, cfg: SiteConfig) -> Message:
     """Secure aggregation set-up step (advertise / share keys) that rides on no other message."""
-    from fedseg.client import secure
-
     return secure.step(msg, cfg)
 
 
 @app.query("unmask")
-@_handler
+@handler
 def unmask(msg: Message, cfg: SiteConfig) -> Message:
     """Secure aggregation: shares to unmask round r (+ round r+1's share keys)."""
-    from fedseg.client import secure
-
     return secure.step(msg, cfg)
 
 
@@ -387,6 +281,4 @@ def unmask(msg: Message, cfg: SiteConfig) -> Message:
 def job_end(msg: Message, context: Context) -> Message:
     """The job ended on the server (fedseg/protocol/job_end.py): recorded for fedseg-client,
     which logs "job finished" (and exits with exit_when_done); nothing of the site is sent."""
-    from fedseg.client.job_end import record_job_end
-
     return record_job_end(msg, context)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from fedseg.client.site_config import SiteConfig, run_local
 from fedseg.protocol.job_end import JOB_END_FILE, JobEnd, JobEndAck
 from fedseg.protocol.records import pack, unpack
 
 
 def record_job_end(msg: Message, context: Context) -> Message:
     """``query.job_end``: write the notice, log it, acknowledge."""
-    from fedseg.client.app import SiteConfig, run_local
 
     def handle(m: Message, cfg: SiteConfig) -> Message:
         notice, _ = unpack(m.content, JobEnd)

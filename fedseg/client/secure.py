@@ -26,6 +26,10 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Message
 
+from fedseg.client import faults
+from fedseg.client.bulk_client import endpoint_of, reply_content
+from fedseg.client.cases import train_val_ids
+from fedseg.client.errors import UpdateRefused, error_reply
 from fedseg.errors import FedsegError
 from fedseg.privacy import aggregates as agg
 from fedseg.privacy import exact_sum
@@ -39,14 +43,11 @@ from fedseg.protocol.records import pack, unpack
 _UPLOAD_BUFFERS = BufferPool(keep=1)  # the masked vector's buffer, kept between rounds
 
 
-class UpdateRefused(FedsegError):
-    """The site's own update failed validation; it is not masked nor sent."""
-
-
 class SiteLike(Protocol):
     """What these functions need of the ClientApp's ``SiteConfig``."""
 
     site: str
+    data_dir: Path
     cache_dir: Path
     node_config: Mapping[str, object]
 
@@ -105,8 +106,6 @@ def listen_for_step(rv: BulkRendezvous, run_id: int, cfg: SiteLike) -> threading
     step (the round's unmask, the next round's share keys) and answers it exactly as the
     ``query.unmask`` handler would; errors are answered as the handler's ``ErrorReply``.
     Returns the thread."""
-    from fedseg.client.bulk_client import endpoint_of
-
     endpoint = endpoint_of(cfg.node_config)
 
     def run() -> None:
@@ -122,8 +121,6 @@ def listen_for_step(rv: BulkRendezvous, run_id: int, cfg: SiteLike) -> threading
                 raise pm.ProtocolError(f"the step request does not validate: {err}") from None
             answer = pm.StepAnswer(reply=step_reply(run_id, cfg, req))
         except Exception as err:  # the same answer the Flower handler would give
-            from fedseg.client.app import error_reply
-
             answer = pm.StepAnswer(error=error_reply(cfg.site, err))
         try:
             endpoint.answer_step(rv, answer.model_dump_json().encode())
@@ -162,9 +159,7 @@ def fingerprint_reply(msg: Message, cfg: SiteLike, part: pm.SecAggPart,
             out: dict[str, object] = {agg.FINGERPRINT_FIELD: ints}
             fields = part.mask.int_fields if part.mask is not None else {}
             if agg.TRAIN_CASES_FIELD in fields:  # N for the rounds' fixed denominator
-                from fedseg.client.app import _split
-
-                out[agg.TRAIN_CASES_FIELD] = [len(_split(cfg)[0])]  # type: ignore[arg-type]
+                out[agg.TRAIN_CASES_FIELD] = [len(train_val_ids(cfg.data_dir)[0])]  # type: ignore[arg-type]
             if agg.SITES_FIELD in fields:
                 out[agg.SITES_FIELD] = [1]
             return np.zeros(0), out
@@ -213,15 +208,11 @@ def train_reply(
     num_cases / case_scale (beyond the bound S the accountant assumes), and the case-weighted
     mean's divisor, the summed case count, depends on each site's private count."""
     assert req.secagg is not None
-    from fedseg.client import faults
-
     delta, cheat = faults.tamper_delta(dict(delta), req.round, cfg.cache_dir)  # tests only
     try:
         check_local_update(delta, None if cheat else req.max_update_norm)
     except ValueError as err:
         raise UpdateRefused(f"site {cfg.site} refuses its own update: {err}") from None
-    from fedseg.client.bulk_client import endpoint_of, reply_content
-
     weight = num_cases / req.case_scale
     # over a bulk upload the vector is sent before this returns, so its buffer can serve the
     # next round (fedseg/privacy/buffers.py); inside a Flower reply it cannot
