@@ -149,7 +149,7 @@ def test_wrecking_update_is_refused_and_the_retry_applied(pki: Path, tmp_path: P
     # a second refusal of round 4, then a retry in which siteC is gone: not unmasked
     attempts.append(3)  # delta_for: len(attempts) == 5 -> honest; force a refusal by history
     job.secure.robust_state["refused"][4] = list(SITES)
-    job.dead.add(2)
+    job.net.dead.add(2)
     p = sr.train_round(job, 4, False, [0, 1, 2])
     assert p["status"] == "refused" and "other survivors" in p["reason"], p
     assert "secagg" not in p  # nothing was unmasked

@@ -20,7 +20,9 @@ from fedseg.privacy.dp import PrivacyAccountant
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, unpack
 from fedseg.server.config import JobConfig
-from fedseg.server.job import FederatedJob, Site
+from fedseg.server.job_context import JobContext, Site
+from fedseg.server.messaging import Messenger
+from fedseg.server.phases.training import train_round
 
 SITES = ["siteA", "siteB", "siteC"]
 
@@ -32,7 +34,7 @@ def _reply(content) -> Message:
 
 
 def test_plain_round_with_dp_is_unweighted_noised_and_accounted(tmp_path: Path) -> None:
-    """``FederatedJob.train_round`` without secure aggregation: the request carries the DP
+    """``phases.training.train_round`` (without secure aggregation): the request carries the DP
     parameters with n = sites asked, the sites' (real) privatisation runs on their deltas, the
     server takes the UNWEIGHTED mean, does not hold the noised updates to ``max_update_norm``
     and logs dp_epsilon / dp_sigma in the pooled record."""
@@ -42,7 +44,8 @@ def test_plain_round_with_dp_is_unweighted_noised_and_accounted(tmp_path: Path) 
     cfg = JobConfig(run_dir=str(tmp_path / "run"), secure_aggregation=False, min_sites=2,
                     rounds=2, local_iterations=1, max_update_norm=0.1,
                     dp={"enabled": True, "clip_norm": S, "noise_multiplier": z})
-    job = FederatedJob(None, cfg)  # type: ignore[arg-type]  (no Flower: _exchange below)
+    net = Messenger(None, print)  # type: ignore[arg-type]  (no Flower: exchange below)
+    job = JobContext.create(None, cfg, print, net=net)  # type: ignore[arg-type]
     job.privacy = JobAccountant(cfg.dp.resolve(cfg.rounds), tmp_path / "run" / "dp.json")
     job.plan = NS(hash=lambda: "h")  # type: ignore[assignment]
     L = 20_000
@@ -58,7 +61,7 @@ def test_plain_round_with_dp_is_unweighted_noised_and_accounted(tmp_path: Path) 
     seen: list[pm.DPParams | None] = []
 
     def exchange(nodes, mtype, content_for, timeout, on_reply, after_push=None):
-        job._sent_bytes = dict.fromkeys(nodes, 1)
+        net.sent_bytes = dict.fromkeys(nodes, 1)
         for nid in nodes:
             req, _ = unpack(content_for(nid), pm.TrainRequest)
             seen.append(req.dp)
@@ -69,8 +72,8 @@ def test_plain_round_with_dp_is_unweighted_noised_and_accounted(tmp_path: Path) 
             on_reply(nid, _reply(pack(rep, delta)))
         return set(nodes)
 
-    job._exchange = exchange  # type: ignore[method-assign]
-    pooled = [job.train_round(r, False, [0, 1, 2]) for r in (1, 2)]
+    net.exchange = exchange  # type: ignore[method-assign]
+    pooled = [train_round(job, r, False, [0, 1, 2]) for r in (1, 2)]
     assert seen == [pm.DPParams(clip_norm=S, noise_multiplier=z, n_sites=3)] * 6
     assert [p["status"] for p in pooled] == ["ok", "ok"] and pooled[0]["cases"] == 31
     step = job.state.weights["w"].astype(np.float64) / 2  # two identical rounds

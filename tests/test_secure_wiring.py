@@ -24,7 +24,9 @@ from fedseg.privacy.secagg import KeyAdvertisement, ShareKeysRequest
 from fedseg.privacy.site_agent import state_path
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, unpack
-from fedseg.server.secure_rounds import SecureAggregation
+from fedseg.server.job_context import JobContext
+from fedseg.server.messaging import Messenger
+from fedseg.server.secure_state import SecureAggregation
 
 RUN_ID = 4242
 SITES = ["siteA", "siteB", "siteC"]
@@ -170,21 +172,43 @@ def test_site_refuses_its_own_bad_update(pki: Path, tmp_path: Path) -> None:
             secure.train_reply(_msg(pack(req), pm.TRAIN), cfg, req, bad, 3, 0.5, None, 1, 1.0, 1.0)
 
 
+class InProcessNet(Messenger):
+    """The job's messenger with the sites in this process: each message goes straight to the
+    real ClientApp handlers (``handle(nid, content, mtype)``) instead of through Flower.
+    ``dead`` (node ids that do not answer), ``mute`` (message type -> node ids that do not
+    answer it) and ``calls`` (message types sent) are for the test."""
+
+    def __init__(self, handle) -> None:
+        super().__init__(None, lambda _: None)  # type: ignore[arg-type]  (no Flower grid)
+        self.handle = handle
+        self.dead: set[int] = set()
+        self.mute: dict[str, set[int]] = {}
+        self.calls: list[str] = []
+
+    def exchange(self, node_ids, mtype, content_for, timeout, on_reply, after_push=None):
+        nodes = list(node_ids)
+        self.calls.append(mtype)
+        self.sent_bytes = dict.fromkeys(nodes, 1)
+        mute = self.dead | self.mute.get(mtype, set())
+        replies = {n: self.handle(n, content_for(n), mtype) for n in nodes if n not in mute}
+        for n, r in replies.items():
+            on_reply(n, r)
+        return set(replies)
+
+
 def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict,
-                    rounds: int, delta_for=None, privacy=None, bulk=None):
-    """A ``FederatedJob`` stand-in for ``secure_rounds.train_round``: the real ClientApp
-    handlers and SecAgg server, messages passed in process instead of through Flower.
-    ``job.dead`` (node ids that do not answer), ``job.mute`` (message type -> node ids that
-    do not answer it) and ``job.calls`` (message types sent) are for the test; ``delta_for(nid)``
-    gives a site's delta (default: 0.01·(nid + 1)). ``bulk``: a real BulkServer (uploads and the
-    unmask rendezvous over HTTP on 127.0.0.1), else arrays inside the messages."""
+                    rounds: int, delta_for=None, privacy=None, bulk=None) -> JobContext:
+    """A job's context for ``secure_rounds.train_round``: the real ClientApp handlers and
+    SecAgg server, messages passed in process (``InProcessNet``, as ``job.net``) instead of
+    through Flower. ``delta_for(nid)`` gives a site's delta (default: 0.01·(nid + 1)).
+    ``bulk``: a real BulkServer (uploads and the unmask rendezvous over HTTP on 127.0.0.1), else
+    arrays inside the messages."""
     from types import SimpleNamespace as NS
 
     from fedseg.client import secure
     from fedseg.server import secure_apply
-    from fedseg.server.aggregate import ServerOptimizer, ServerOptimizerConfig
-    from fedseg.server.job import FederatedJob
-    from fedseg.server.rundir import RunDir
+    from fedseg.server.config import JobConfig
+    from fedseg.server.job_context import Site
 
     def handle(nid: int, content: RecordDict, mtype: str) -> Message:
         s = SITES[nid]
@@ -198,36 +222,22 @@ def _in_process_job(pki: Path, tmp: Path, job_id: str, shapes: dict, cases: dict
         return secure.train_reply(msg, _site_cfg(pki, s, tmp), req, delta, cases[s],
                                   1.0 + nid, None, 5, 1.0, 5.0)
 
-    def send(nodes, mtype, content_for, timeout):
-        job.calls.append(mtype)
-        job._sent_bytes = dict.fromkeys(nodes, 1)
-        mute = job.dead | job.mute.get(mtype, set())
-        return {n: handle(n, content_for(n), mtype) for n in nodes if n not in mute}
-
-    def exchange(nodes, mtype, content_for, timeout, on_reply, after_push=None):
-        replies = send(nodes, mtype, content_for, timeout)
-        for n, r in replies.items():
-            on_reply(n, r)
-        return set(replies)
-
-    cfg = NS(min_sites=2, rounds=rounds, local_iterations=1, eval_every=1, per_site_metrics=True,
-             job_id=job_id, aggregation=ServerOptimizerConfig(), proximal_mu=0.0, seed=0,
-             max_update_norm=None, round_timeout_s=60, site_momentum="reset", site_lr=0.01)
-    job = NS(cfg=cfg, run=RunDir(tmp / "run"), log=lambda _: None, _sent_bytes={},
-             plan=NS(hash=lambda: "h", labels={"background": 0, "x": 1},
-                     num_training_cases=sum(cases.values())),
-             state=NS(weights={k: np.zeros(sh, np.float32) for k, sh in shapes.items()},
-                      best_dice=-1.0),
-             opt=ServerOptimizer(ServerOptimizerConfig()), sites=dict.fromkeys(range(3)),
-             _name=lambda n: SITES[n], _send=send, _exchange=exchange,
-             _log_eval=lambda *_: None, dead=set(), mute={}, calls=[], privacy=privacy,
-             secure=SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID))
+    cfg = JobConfig(run_dir=str(tmp / "run"), min_sites=2, rounds=rounds, local_iterations=1,
+                    eval_every=1, per_site_metrics=True, job_id=job_id, seed=0,
+                    round_timeout_s=60, site_momentum="reset", site_lr=0.01)
+    job = JobContext.create(None, cfg, lambda _: None, net=InProcessNet(handle))  # type: ignore[arg-type]
+    job.plan = NS(hash=lambda: "h", labels={"background": 0, "x": 1},  # type: ignore[assignment]
+                  num_training_cases=sum(cases.values()))
+    job.state.weights = {k: np.zeros(sh, np.float32) for k, sh in shapes.items()}
+    for nid, name in enumerate(SITES):
+        job.sites[nid] = Site(nid, pm.EnrolReply(
+            site=name, channel_names={"0": "CT"}, labels={"background": 0, "x": 1},
+            file_ending=".nii.gz", num_training_cases=None, gpu_memory_gb=0.0, device="cpu"))
+    job.privacy = privacy
+    job.bulk = bulk  # None: arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
+    job.secure = SecureAggregation(str(pki / "roster.json"), None, 10.0, job_id, RUN_ID)
     # as the secure fingerprint would: N, the rounds' fixed denominator (server/secure_apply.py)
     secure_apply.set_census(job, SITES, sum(cases.values()))
-    job._reply_error = lambda r: FederatedJob._reply_error(job, r)
-    job._train_exchange = lambda *a: FederatedJob._train_exchange(job, *a)
-    job.bulk = bulk  # None: arrays inside the messages (tests/test_bulk_transfer.py: the HTTP way)
-    job.outbox = lambda arrays, upload=False: FederatedJob.outbox(job, arrays, upload)
     return job
 
 
@@ -239,7 +249,7 @@ def test_rounds_fold_setup_and_recover_a_dropped_site(pki: Path, tmp_path: Path)
 
     shapes = {"w": (3, 4), "b": (4,)}
     job = _in_process_job(pki, tmp_path, "job5", shapes, {"siteA": 8, "siteB": 20, "siteC": 3}, 3)
-    calls, dead, cfg = job.calls, job.dead, job.cfg
+    calls, dead, cfg = job.net.calls, job.net.dead, job.cfg
     pooled = []
     for rnd in (1, 2, 3):
         if rnd == 3:
@@ -296,9 +306,9 @@ def test_unmask_through_the_bulk_rendezvous(pki: Path, tmp_path: Path, bulk_serv
     pooled = []
     for rnd in (1, 2, 3):
         if rnd == 3:
-            job.dead.add(2)
+            job.net.dead.add(2)
         pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
-    assert job.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.TRAIN, pm.TRAIN]
+    assert job.net.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.TRAIN, pm.TRAIN]
     assert [p["status"] for p in pooled] == ["ok"] * 3
     assert [p["secagg"]["exchanges"] for p in pooled] == [3, 1, 1]
     # a partial round: weighted by the fingerprint's fixed N = 31 (server/secure_apply.py), and
@@ -320,9 +330,10 @@ def test_a_silent_listener_gets_the_step_by_flower(pki: Path, tmp_path: Path, bu
     rebuilt from the others' shares."""
     from fedseg.client import secure
     from fedseg.server import secure_rounds as sr
+    from fedseg.server import secure_steps
 
     monkeypatch.setitem(secure._BACKGROUND, "on", True)
-    monkeypatch.setattr(sr, "FAST_STEP_WAIT_S", 0.5)
+    monkeypatch.setattr(secure_steps, "FAST_STEP_WAIT_S", 0.5)
     real_listen = secure.listen_for_step
     monkeypatch.setattr(secure, "listen_for_step", lambda rv, run_id, cfg: (
         None if cfg.site == "siteC" else real_listen(rv, run_id, cfg)))
@@ -330,12 +341,12 @@ def test_a_silent_listener_gets_the_step_by_flower(pki: Path, tmp_path: Path, bu
     cases = {"siteA": 8, "siteB": 20, "siteC": 3}
     job = _in_process_job(pki, tmp_path, "job-rv2", shapes, cases, 2, bulk=bulk_server)
     p1 = sr.train_round(job, 1, False, [0, 1, 2])  # siteC answers the Flower UNMASK
-    assert job.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.UNMASK]
+    assert job.net.calls == [pm.SHARE_KEYS, pm.SHARE_KEYS, pm.TRAIN, pm.UNMASK]
     assert p1["status"] == "ok" and p1["secagg"]["exchanges"] == 4
-    job.calls.clear()
-    job.mute[pm.UNMASK] = {2}  # siteC uploads, then is gone
+    job.net.calls.clear()
+    job.net.mute[pm.UNMASK] = {2}  # siteC uploads, then is gone
     p2 = sr.train_round(job, 2, False, [0, 1, 2])
-    assert job.calls == [pm.TRAIN, pm.UNMASK]
+    assert job.net.calls == [pm.TRAIN, pm.UNMASK]
     assert p2["status"] == "ok" and p2["secagg"]["survivors"] == SITES and p2["cases"] == 31
     want = 2 * (8 * 0.01 + 20 * 0.02 + 3 * 0.03) / 31
     np.testing.assert_allclose(job.state.weights["b"], want, rtol=1e-6)
@@ -365,7 +376,7 @@ def test_dp_round_clips_noises_unweighted_and_accounts_epsilon(pki: Path, tmp_pa
     pooled, steps = [], []
     for rnd in (1, 2, 3):
         if rnd == 3:
-            job.dead.add(2)  # siteC dies after sharing keys: m = 2 of n = 3 in the sum
+            job.net.dead.add(2)  # siteC dies after sharing keys: m = 2 of n = 3 in the sum
         before = {k: v.astype(np.float64) for k, v in job.state.weights.items()}
         pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
         steps.append(np.concatenate([(job.state.weights[k] - before[k]).ravel()
@@ -420,9 +431,9 @@ def test_site_state_stays_bounded_over_many_rounds(pki: Path, tmp_path: Path) ->
     sizes: dict[str, list[int]] = {s: [] for s in SITES}
     pooled = []
     for rnd in range(1, rounds + 1):
-        job.dead.clear()
+        job.net.dead.clear()
         if rnd % 5 == 0:
-            job.dead.add(2)
+            job.net.dead.add(2)
         pooled.append(sr.train_round(job, rnd, False, [0, 1, 2]))
         for s in SITES:
             sizes[s].append(paths[s].stat().st_size)

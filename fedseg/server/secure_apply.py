@@ -29,54 +29,53 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedseg.privacy import aggregates as agg
+from fedseg.privacy.secagg import AggregateResult, SecAggServer
+from fedseg.protocol import messages as pm
 from fedseg.server import plausibility as pl
+from fedseg.server.job_context import JobContext
+from fedseg.server.phases.evaluation import record_pooled_eval
 from fedseg.server.rundir import memory_mb
-
-if TYPE_CHECKING:
-    from fedseg.privacy.secagg import AggregateResult, SecAggServer
-    from fedseg.protocol import messages as pm
-    from fedseg.server.job import FederatedJob
-
+from fedseg.server.secure_steps import event, secure
 
 CENSUS_FILE = "secure_cases.json"  # in the run folder: N and its sites, for a resume
 
 
-def history(job: FederatedJob) -> dict[str, Any]:
+def history(ctx: JobContext) -> dict[str, Any]:
     """The job's round history for the checks (kept on its ``SecureAggregation``); N and its
     sites are read back from the run folder after a resume."""
-    sec = job.secure
-    if not hasattr(sec, "robust_state"):
+    sec = secure(ctx)
+    if sec.robust_state is None:
         state: dict[str, Any] = {"norms": [], "refused": {}, "census": None, "cases": None}
-        path = job.run.root / CENSUS_FILE
+        path = ctx.run.root / CENSUS_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
             state.update(census=list(saved["sites"]), cases=int(saved["train_cases"]))
-        sec.robust_state = state  # type: ignore[union-attr]
-    return sec.robust_state  # type: ignore[union-attr]
+        sec.robust_state = state
+    return sec.robust_state
 
 
-def counts_per_round(job: FederatedJob) -> bool:
+def counts_per_round(ctx: JobContext) -> bool:
     """True when N is unknown: the job had no secure fingerprint (``plan_file``) or its run
     folder predates the count in it; then each round still sums and divides by Σ n_i."""
-    if job.secure is None:
+    if ctx.secure is None:
         return True
-    return history(job)["cases"] is None
+    return history(ctx)["cases"] is None
 
 
-def set_census(job: FederatedJob, sites: list[str], train_cases: int) -> None:
+def set_census(ctx: JobContext, sites: list[str], train_cases: int) -> None:
     """N (the training cases of the fingerprint's sites, one secure sum) and those sites."""
-    state = history(job)
+    state = history(ctx)
     state.update(census=sorted(sites), cases=int(train_cases))
-    path = job.run.root / CENSUS_FILE
+    path = ctx.run.root / CENSUS_FILE
     path.write_text(json.dumps({"train_cases": int(train_cases), "sites": sorted(sites)}) + "\n")
 
 
-def retry_guard(job: FederatedJob, rnd: int, server: SecAggServer) -> str | None:
+def retry_guard(ctx: JobContext, rnd: int, server: SecAggServer) -> str | None:
     """Why this attempt must not be unmasked (module docstring), or None."""
-    prior = history(job)["refused"].get(rnd)
+    prior = history(ctx)["refused"].get(rnd)
     now = sorted(server._peers)
     if prior is not None and now != prior:
         return (f"retry of a refused round with other survivors ({now}, refused: {prior}): "
@@ -84,31 +83,27 @@ def retry_guard(job: FederatedJob, rnd: int, server: SecAggServer) -> str | None
     return None
 
 
-def refuse(job: FederatedJob, rnd: int, pooled: dict[str, Any], problems: list[str],
+def refuse(ctx: JobContext, rnd: int, pooled: dict[str, Any], problems: list[str],
            t0: float, secagg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the refusal (metrics.jsonl and the job log); the global model is not touched."""
-    from fedseg.server.secure_rounds import _event
-
     reason = "; ".join(problems)
     pooled.update(status="refused", reason=reason, checks=problems,
-                  model_digest=pl.model_digest(job.state.weights),
-                  weight_norm=pl.l2_norm(job.state.weights),
+                  model_digest=pl.model_digest(ctx.state.weights),
+                  weight_norm=pl.l2_norm(ctx.state.weights),
                   seconds=round(time.monotonic() - t0, 3), **({"secagg": secagg} if secagg else {}))
-    job.log(f"round {rnd}: sums REFUSED, global model unchanged: {reason}")
-    _event(job, step="plausibility", site="pooled", round=rnd, status="refused", reason=reason,
+    ctx.log(f"round {rnd}: sums REFUSED, global model unchanged: {reason}")
+    event(ctx, step="plausibility", site="pooled", round=rnd, status="refused", reason=reason,
            round_id=(secagg or {}).get("round_id"))
-    job.run.log(pooled)
+    ctx.run.log(pooled)
     return pooled
 
 
-def finish_round(job: FederatedJob, rnd: int, res: AggregateResult, layout: tuple[int, dict],
+def finish_round(ctx: JobContext, rnd: int, res: AggregateResult, layout: tuple[int, dict],
                  pooled: dict[str, Any], scale: float, dp: pm.DPParams | None,
                  classes: list[str], t0: float, exchanges: int) -> dict[str, Any]:
     """Check the unmasked sums; apply the step and log the pooled record, or refuse."""
-    from fedseg.server.secure_rounds import log_pooled_eval, shapes
-
-    rc = pl.robust_config(job.cfg)
-    hist = history(job)
+    rc = pl.robust_config(ctx.cfg)
+    hist = history(ctx)
     m = len(res.survivors)
     length = layout[0]
     counts = "num_samples" in layout[1]
@@ -130,41 +125,60 @@ def finish_round(job: FederatedJob, rnd: int, res: AggregateResult, layout: tupl
         # the sums already failed: the refusal then says what the round would have done
         # DP: unweighted mean of the clipped, noised deltas (why: fedseg/privacy/dp.py)
         factor = (1.0 / m) if dp is not None else scale / max(1, n_total)
-        sh = shapes(job)  # straight from the ring sum into float32 tensors
+        sh = shapes(ctx)  # straight from the ring sum into float32 tensors
         mean_delta = res.mean_parts(factor, [(k, sh[k]) for k in sorted(sh)])
-        step_norm, weight_norm = pl.l2_norm(mean_delta), pl.l2_norm(job.state.weights)
+        step_norm, weight_norm = pl.l2_norm(mean_delta), pl.l2_norm(ctx.state.weights)
         bound = None
         if dp is not None:
             noise_sum = dp.noise_multiplier * dp.clip_norm * (m / dp.n_sites) ** 0.5
             bound = pl.dp_step_bound(dp.clip_norm, noise_sum, m, length)
         if rc.checks:
             problems += pl.check_step(step_norm, weight_norm, hist["norms"], rc,
-                                     getattr(job.cfg, "max_update_norm", None), bound)
+                                     ctx.cfg.max_update_norm, bound)
     res.release()
     if problems:
         hist["refused"][rnd] = sorted(res.survivors)
         pooled.update(sites_ok=m, update_norm=step_norm)
-        return refuse(job, rnd, pooled, problems, t0, secagg)
+        return refuse(ctx, rnd, pooled, problems, t0, secagg)
     assert mean_delta is not None
     hist["refused"].pop(rnd, None)
     hist["norms"] = (hist["norms"] + [step_norm])[-max(rc.history, 1):]
-    job.state.weights = job.opt.step(job.state.weights, mean_delta)
+    ctx.state.weights = ctx.opt.step(ctx.state.weights, mean_delta)
     if "eval_cases" in layout[1]:
         pe = agg.pooled_eval(res.ints, classes)
         if pe is not None:
-            log_pooled_eval(job, rnd - 1, pe)
-    census = set(hist["census"] or [job._name(n) for n in job.sites])
+            log_pooled_eval(ctx, rnd - 1, pe)
+    census = set(hist["census"] or [ctx.name(n) for n in ctx.sites])
     full = census <= set(res.survivors)
     if counts or full:  # a partial round reports neither (absent, not null: consumers
         # format the pooled loss as a number)
         pooled.update(loss=agg.pooled_loss(res.ints, n_total) if counts else loss_sum / n_fixed,
                       cases=n_total)
     pooled.update(status="ok", sites_ok=m,
-                  update_norm=step_norm, weight_norm=pl.l2_norm(job.state.weights),
+                  update_norm=step_norm, weight_norm=pl.l2_norm(ctx.state.weights),
                   seconds=round(time.monotonic() - t0, 3), secagg=secagg, **memory_mb())
     if counts:
         pooled["counts_per_round"] = True
     elif not full:
         pooled["partial"] = "not every fingerprinted site survived: loss and cases not reported"
-    job.run.log(pooled)
+    ctx.run.log(pooled)
     return pooled
+
+
+def shapes(ctx: JobContext) -> dict[str, tuple[int, ...]]:
+    """The global model's tensor shapes: the layout of the summed vector."""
+    return {k: tuple(v.shape) for k, v in ctx.state.weights.items()}
+
+
+def eval_classes(ctx: JobContext) -> list[str]:
+    """The classes (label / region keys) a secure evaluation sum carries."""
+    from fedseg.training.evaluate import label_groups
+
+    assert ctx.plan is not None
+    return sorted(label_groups(ctx.plan.labels))
+
+
+def log_pooled_eval(ctx: JobContext, after_round: int, pe: dict) -> float:
+    """Pooled-only evaluation record (``per_site_metrics = false``)."""
+    return record_pooled_eval(ctx, after_round, pe["cases"], pe["dice"], pe["hd95"],
+                              secure_aggregation=True)

@@ -22,13 +22,14 @@ site's is refused too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from flwr.serverapp import Grid
 
-if TYPE_CHECKING:
-    from fedseg.server.job import FederatedJob
+from fedseg.server.plausibility import robust_config
 
 
 def spki_der(key: bytes | str) -> bytes | None:
@@ -59,6 +60,11 @@ class SiteBinding:
                 if der is not None:
                     self.sites[der] = name
 
+    @classmethod
+    def for_job(cls, cfg: Any) -> SiteBinding:
+        """The binding a job config asks for (its roster, ``robust.require_site_keys``)."""
+        return cls(getattr(cfg, "roster", None), robust_config(cfg).require_site_keys)
+
     def site_of(self, public_key: bytes | None) -> str | None:
         der = spki_der(public_key) if public_key else None
         return self.sites.get(der) if der is not None else None
@@ -75,27 +81,22 @@ class SiteBinding:
         return None
 
 
-def node_keys(job: FederatedJob) -> dict[int, bytes]:
+def node_keys(grid: Grid, log: Callable[[str], None]) -> dict[int, bytes]:
     """node id -> the public key the SuperLink holds for it (empty where Flower has none)."""
     try:
-        infos = list(job.grid.get_nodes())
+        infos = list(grid.get_nodes())
     except Exception as err:  # noqa: BLE001 - e.g. a SuperLink hiccup: then no claim is bound
-        job.log(f"enrolment: could not read the nodes' keys from the SuperLink ({err})")
+        log(f"enrolment: could not read the nodes' keys from the SuperLink ({err})")
         return {}
     return {int(i.node_id): bytes(i.public_key) for i in infos if getattr(i, "public_key", b"")}
 
 
-def check_claims(job: FederatedJob, claims: dict[int, str]) -> dict[int, str]:
+def check_claims(binding: SiteBinding, grid: Grid, log: Callable[[str], None],
+                 claims: dict[int, str]) -> dict[int, str]:
     """node id -> why its claimed site name is refused, for the claims that are."""
-    from fedseg.server.plausibility import robust_config
-
-    binding = getattr(job, "_site_binding", None)
-    if binding is None:
-        binding = job._site_binding = SiteBinding(  # type: ignore[attr-defined]
-            getattr(job.cfg, "roster", None), robust_config(job.cfg).require_site_keys)
     if not claims:
         return {}
-    keys = node_keys(job)
+    keys = node_keys(grid, log)
     out = {}
     for nid, claimed in claims.items():
         why = binding.check(nid, keys.get(nid), claimed)

@@ -1,0 +1,92 @@
+"""Scores of the global model: per site and pooled (case-weighted) Dice and HD95, and the final
+evaluation after the last round.
+
+Round trips dominate wall time in Flower 1.42 (~6 s each, even empty), so evaluation of the
+global model rides on the next round's training message (the site evaluates the weights it
+receives before training on them: ``phases/training.py``); only the final evaluation is a
+message of its own. Without per-site metrics (secure aggregation, ``per_site_metrics = false``)
+the pooled scores come from a secure sum instead (``server/secure_rounds.py``) and only
+:func:`record_pooled_eval` is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedseg.protocol import messages as pm
+from fedseg.protocol.records import unpack
+from fedseg.server.job_context import JobContext
+from fedseg.server.messaging import reply_error
+
+
+def log_eval(ctx: JobContext, after_round: int, evals: list[tuple[str, pm.EvalReply]]) -> float:
+    """Log per-site and pooled (case-weighted) Dice/HD95; returns pooled mean Dice."""
+    tot = sum(e.num_cases for _, e in evals)
+    classes = sorted({c for _, e in evals for c in e.dice_per_class})
+    pooled_dice, pooled_hd = {}, {}
+    for c in classes:
+        vals = [(e.dice_per_class[c], e.num_cases) for _, e in evals if c in e.dice_per_class]
+        pooled_dice[c] = float(sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)))
+        hds = [(e.hd95_per_class[c], e.num_cases) for _, e in evals
+               if c in e.hd95_per_class and np.isfinite(e.hd95_per_class[c])]
+        pooled_hd[c] = (float(sum(v * n for v, n in hds) / sum(n for _, n in hds))
+                        if hds else float("nan"))
+    for name, e in evals:
+        ctx.run.log({"phase": "eval", "round": after_round, "site": name,
+                     "cases": e.num_cases, "dice": e.dice_per_class,
+                     "hd95": e.hd95_per_class,
+                     **({"hd95_missing": e.hd95_missing_per_class}
+                        if e.hd95_missing_per_class else {}),
+                     "mean_dice": float(np.mean(list(e.dice_per_class.values()))),
+                     "seconds": e.seconds})
+    extra = {}  # undefined HD95s, counted in the report: when every site counted them
+    if evals and all(e.hd95_missing_per_class for _, e in evals):
+        extra["hd95_missing"] = {c: sum(e.hd95_missing_per_class.get(c, 0) for _, e in evals)
+                                 for c in classes}
+    return record_pooled_eval(ctx, after_round, tot, pooled_dice, pooled_hd, **extra)
+
+
+def record_pooled_eval(
+    ctx: JobContext, after_round: int, cases: int, dice: dict[str, float],
+    hd95: dict[str, float], **extra: Any,
+) -> float:
+    """Log the pooled evaluation, update status, keep ``best`` in step; returns mean Dice."""
+    mean = float(np.mean(list(dice.values()))) if dice else float("nan")
+    ctx.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": cases,
+                 "dice": dice, "hd95": hd95, "mean_dice": mean, **extra})
+    ctx.run.set_status(latest_dice=mean, latest_eval_round=after_round)
+    if after_round > 0 and mean > ctx.state.best_dice:
+        ctx.state.best_dice = mean
+        ctx.checkpoints.wait()
+        if ctx.state.round == after_round and ctx.run.checkpoint_path("last").exists():
+            ctx.run.copy_checkpoint("last", "best")
+    return mean
+
+
+def final_evaluation(ctx: JobContext) -> None:
+    """The final model scored by every site, per site and pooled (the secure sum's version
+    without per-site metrics: ``secure_rounds.final_evaluation``)."""
+    assert ctx.plan is not None
+    nodes = list(ctx.sites)
+    req = pm.EvalRequest(round=ctx.state.round, plan_hash=ctx.plan.hash())
+    box = ctx.outbox(ctx.state.weights)
+    ctx.run.set_status(phase="final-evaluation")
+    try:
+        replies = ctx.net.send(nodes, pm.EVALUATE, box.content_for(lambda _: req),
+                               timeout=ctx.cfg.round_timeout_s)
+    finally:
+        box.close()
+    evals = []
+    for nid in nodes:
+        r = replies.get(nid)
+        err = reply_error(r)
+        if err is not None:
+            ctx.run.log({"phase": "eval", "round": ctx.state.round, "site": ctx.name(nid),
+                         "status": "dropped", "reason": err})
+            continue
+        rep, _ = unpack(r.content, pm.EvalReply)
+        evals.append((rep.site, rep))
+    if evals:
+        log_eval(ctx, ctx.state.round, evals)
