@@ -27,6 +27,11 @@ Learning curve: ``--curve P`` keeps P evenly spaced snapshots of the pooled and 
 model (``fedseg train --snapshot-every``, the job's ``snapshot_every``) and scores each on all
 test cases, at equal budgets (iterations × batch summed over the sites).
 
+Postprocessing (``--postprocess``): each model also gets nnU-Net's largest-connected-component
+postprocessing, decided by nnU-Net's rules on the validation fifth of all sites' ``imagesTr``
+(``fedseg.training.postprocess_eval``; the sums a federation would add securely), and is scored
+again on the test split with it.
+
 Resumable: each finished step is recorded in ``WORK/steps.json`` and skipped on a rerun; an
 interrupted ``fedseg train`` resumes from its checkpoint; an interrupted federation is started
 again from scratch. Logs of every command: ``WORK/logs/``. Output: ``--json`` (everything),
@@ -220,15 +225,32 @@ def federate(work: Path, sites: list[Path], rounds: int, k: int, args, snapshot_
 # scoring
 
 
-def score(model: Path, sites: list[Path], work: Path, name: str, device: str) -> dict:
+def score(model: Path, sites: list[Path], work: Path, name: str, device: str,
+          postprocess: Path | None = None) -> dict:
     """Every site's test split, predicted with ``model`` and evaluated (per-case JSON kept), in
-    a fresh process (``fedseg.training.test_split``'s main)."""
+    a fresh process (``fedseg.training.test_split``'s main); ``postprocess``: the decision file
+    of :func:`decide_postprocessing`, applied before scoring."""
     out = work / "scores" / name
     out.mkdir(parents=True, exist_ok=True)
+    extra = ["--postprocess", str(postprocess)] if postprocess else []
     run_cmd([sys.executable, "-m", "fedseg.training.test_split", "--model", str(model), "--work",
-             str(out), "--json", str(out / "scores.json"), "--device", device, *map(str, sites)],
-            work / "logs" / f"score-{name}.log")
+             str(out), "--json", str(out / "scores.json"), "--device", device, *extra,
+             *map(str, sites)], work / "logs" / f"score-{name}.log")
     return json.loads((out / "scores.json").read_text())
+
+
+def decide_postprocessing(model: Path, sites: list[Path], work: Path, name: str,
+                          device: str) -> dict:
+    """nnU-Net's largest-component postprocessing for ``model``, decided on the validation
+    cases of all sites (never the test split), in a fresh process
+    (``fedseg.training.postprocess_eval``'s main)."""
+    out = work / "postprocess" / name
+    out.mkdir(parents=True, exist_ok=True)
+    run_cmd([sys.executable, "-m", "fedseg.training.postprocess_eval", "--model", str(model),
+             "--work", str(out), "--json", str(out / "decision.json"), "--device", device,
+             *map(str, sites)], work / "logs" / f"postprocess-{name}.log")
+    return {"file": str(out / "decision.json"),
+            **json.loads((out / "decision.json").read_text())}
 
 
 def curve_point(model: Path, sites: list[Path], work: Path, name: str, device: str) -> dict:
@@ -323,12 +345,21 @@ def compare(args: argparse.Namespace) -> dict:
             continue
         scores[name] = steps.run(f"score {name}", score, m["dir"], sites, work,
                                  name.replace(" ", "-"), args.device)["result"]
+    scores_pp: dict[str, Any] = {}
+    decisions: dict[str, Any] = {}
+    if args.postprocess:
+        for name, m in models.items():
+            decisions[name] = steps.run(f"postprocess {name}", decide_postprocessing, m["dir"],
+                                        sites, work, name.replace(" ", "-"), args.device)["result"]
+            scores_pp[name] = steps.run(f"score {name} +pp", score, m["dir"], sites, work,
+                                        name.replace(" ", "-") + "+pp", args.device,
+                                        Path(decisions[name]["file"]))["result"]
     for name in ("pooled", "federated"):
         if name in scores:
             curves[name].append({"samples": models[name]["budget"],
                                  "pooled_test_dice": pooled_dice(scores[name]),
                                  "cases": sum(s["cases"] for s in scores[name].values())})
-    for s in scores.values():
+    for s in [*scores.values(), *scores_pp.values()]:
         for site in s.values():
             site.pop("case_metrics", None)
     return {
@@ -348,6 +379,8 @@ def compare(args: argparse.Namespace) -> dict:
         "models": {n: {k2: (str(v) if isinstance(v, Path) else v) for k2, v in m.items()}
                    for n, m in models.items()},
         "scores": scores,
+        "scores_postprocessed": scores_pp,
+        "postprocessing": decisions,
         "curves": curves,
         "seconds": {n: d["seconds"] for n, d in steps.done.items()},
         "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]),
@@ -372,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secure-aggregation", default="on", choices=["on", "off"])
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score every model with nnU-Net's largest-component postprocessing, "
+                   "decided per model on the validation cases of all sites")
     p.add_argument("--job-config", help="TOML of federated job settings (recipe experiments)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--md", help="write the markdown tables here")

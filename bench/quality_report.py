@@ -104,6 +104,15 @@ def markdown_tables(res: dict) -> str:
         "", table(res, "HD95"),
         "", "Dice per site and class:", "", per_class_table(res, "Dice"),
     ]
+    if res.get("scores_postprocessed"):
+        pp = {**res, "scores": res["scores_postprocessed"]}
+        chosen = "; ".join(f"{n}: {d['postprocessing']['keep_largest'] or 'none'}"
+                           for n, d in res.get("postprocessing", {}).items())
+        parts += ["", "With nnU-Net's largest-component postprocessing, decided per model on the "
+                  "validation cases of all sites (label sets whose largest component alone is "
+                  f"kept — {chosen}). Dice, foreground mean:", "", table(pp, "Dice"),
+                  "", "HD95 (mm), foreground mean, postprocessed:", "", table(pp, "HD95"),
+                  "", "Dice per site and class, postprocessed:", "", per_class_table(pp, "Dice")]
     if any(res["curves"].values()):
         parts += ["", "Learning curve (foreground Dice over all test cases):", "",
                   "| model | samples | Dice |", "|---|---|---|"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -92,3 +95,46 @@ def test_nothing_chosen_when_nothing_helps() -> None:
 def test_vector_length_is_checked() -> None:
     with pytest.raises(ValueError, match="expected"):
         DiceSums.from_vector(GROUPS, np.zeros(3))
+
+
+def test_decided_on_validation_files_and_applied_to_test_predictions(tmp_path: Path) -> None:
+    """Real files: a tiny 2D region model is trained, its postprocessing decided on the site's
+    validation fifth (the sums equal the candidates' Dice recomputed from the written
+    predictions) and applied to test predictions through the scorer."""
+    from scipy import ndimage
+    from test_regions_2d import _fundus_like, fedseg
+
+    from fedseg.data.io import read_image
+    from fedseg.training.postprocess_eval import decide_on_validation
+    from fedseg.training.test_split import score_sites
+
+    site = tmp_path / "site"
+    _fundus_like(site, 10)
+    _fundus_like(site, 2, "Ts", seed=1)
+    (site / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png",
+        "labels": {"background": 0, "optic_disc": [1, 2], "optic_cup": 2},
+        "regions_class_order": [1, 2], "numTraining": 10}))
+    fedseg("plan", str(site), "--out", str(tmp_path / "plan.json"), "--preset", "tiny")
+    model = tmp_path / "model"
+    res = fedseg("train", "--data", str(site), "--plan", str(tmp_path / "plan.json"),
+                 "--iterations", "4", "--out", str(model), "--cache", str(tmp_path / "cache"),
+                 "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+
+    dec = decide_on_validation(model, [site], tmp_path / "work", device="cpu")
+    groups = {"1,2": [1, 2], "2": [2]}
+    preds = sorted((tmp_path / "work" / "validation" / "site").glob("*.png"))
+    assert dec["validation_cases"] == len(preds) == 2  # 1 in 5 of 10 training cases
+    again = DiceSums.empty(groups)
+    for p in preds:
+        again.add(variant_dice(read_image(p).data[0],
+                               read_image(site / "labelsTr" / p.name).data[0], groups))
+    assert json.dumps(decide(again, groups)[1]) == json.dumps(dec["decision"])  # NaN-safe
+
+    forced = Postprocessing(keep_largest=[[1, 2]])
+    score_sites(model, [site], tmp_path / "scored", device="cpu", keep_predictions=True,
+                postprocessing=forced)
+    for p in sorted((tmp_path / "scored" / "predictions" / "site").glob("*.png")):
+        fg = read_image(p).data[0] > 0
+        assert ndimage.label(fg, structure=np.ones((3,) * fg.ndim))[1] <= 1, p

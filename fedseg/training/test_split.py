@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.errors import FedsegError
+from fedseg.training.postprocess import Postprocessing
+from fedseg.training.postprocess_eval import apply_to_files
 
 
 def has_test_split(site: Path) -> bool:
@@ -25,10 +27,13 @@ def has_test_split(site: Path) -> bool:
 
 def score_sites(
     model_dir: Path, sites: list[Path], work: Path, device: str = "auto", keep_predictions: bool = False,
+    postprocessing: Postprocessing | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{site: {"mean": {class: {Dice, HD95}}, "foreground_mean": {...}, "cases": n,
     "case_metrics": [{class: {Dice, HD95}}, ...]}}`` for each site with a test split; the
-    per-case JSON of ``fedseg evaluate`` goes to ``work/SITE.json``."""
+    per-case JSON of ``fedseg evaluate`` goes to ``work/SITE.json``. ``postprocessing`` (decided
+    beforehand, on validation cases: :mod:`fedseg.training.postprocess_eval`) is applied to
+    the predictions before they are scored."""
     from fedseg.training.evaluate import evaluate_folders, json_safe
     from fedseg.training.predict import predict_files
 
@@ -37,7 +42,9 @@ def score_sites(
         if not has_test_split(site):
             continue
         pred = work / "predictions" / site.name
-        predict_files(model_dir, site / "imagesTs", pred, device=device, mirror_tta=True)
+        written = predict_files(model_dir, site / "imagesTs", pred, device=device, mirror_tta=True)
+        if postprocessing is not None:
+            apply_to_files(written, postprocessing)
         res = evaluate_folders(pred, site / "labelsTs", work / f"{site.name}.json")
         out[site.name] = json_safe({
             "mean": res["mean"], "foreground_mean": res["foreground_mean"],
@@ -117,9 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--postprocess", help="JSON from fedseg.training.postprocess_eval: apply its "
+                   "postprocessing before scoring")
     p.add_argument("sites", nargs="+")
     a = p.parse_args(argv)
-    scores = score_sites(Path(a.model), [Path(s) for s in a.sites], Path(a.work), a.device)
+    pp = None
+    if a.postprocess:
+        pp = Postprocessing.model_validate(
+            json.loads(Path(a.postprocess).read_text())["postprocessing"])
+    scores = score_sites(Path(a.model), [Path(s) for s in a.sites], Path(a.work), a.device,
+                         postprocessing=pp)
     Path(a.json).write_text(json.dumps(scores, indent=1) + "\n")
     return 0
 
