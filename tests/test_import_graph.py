@@ -122,7 +122,13 @@ SITE_ONLY = ("fedseg.client", "fedseg.training", "fedseg.models", "fedseg.data.i
 
 
 def test_the_server_loads_no_site_code_nor_torch() -> None:
-    loaded = _loaded_after_importing("fedseg.server")
+    """Every server module, and the class list a secure evaluation sum is laid out with (the
+    only label logic the server runs)."""
+    run = ("from types import SimpleNamespace as NS\n"
+           "from fedseg.server.secure_apply import eval_classes\n"
+           "assert eval_classes(NS(plan=NS(labels={'background': 0, 'disc': [1, 2], 'cup': 2})))"
+           " == ['1,2', '2']")
+    loaded = _loaded_after_importing("fedseg.server", run)
     bad = [m for m in loaded if m.startswith(SITE_ONLY) and m != "fedseg.data.dataset_json"]
     assert bad == []
 

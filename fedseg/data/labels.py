@@ -71,3 +71,16 @@ class LabelLayout:
         for mask, value in zip(masks, self.regions_class_order, strict=True):
             seg[mask] = value
         return seg
+
+
+def label_groups(labels: Mapping[str, int | list[int]]) -> dict[str, list[int]]:
+    """Foreground label/region key -> values, from a dataset.json ``labels`` mapping: the keys
+    every score is reported under (``"1"``, ``"1,2"`` for a region). Here, torch-free, because
+    the server lays out the secure evaluation sums by them (``server/secure_apply.py``)."""
+    out: dict[str, list[int]] = {}
+    for name, val in labels.items():
+        vals = [int(v) for v in (val if isinstance(val, list) else [val])]
+        if vals == [0] or name == "ignore":
+            continue
+        out[",".join(str(v) for v in vals)] = vals
+    return out

@@ -31,6 +31,7 @@ import json
 import time
 from typing import Any
 
+from fedseg.data.labels import label_groups
 from fedseg.privacy import aggregates as agg
 from fedseg.privacy.secagg import AggregateResult, SecAggServer
 from fedseg.protocol import messages as pm
@@ -172,8 +173,6 @@ def shapes(ctx: JobContext) -> dict[str, tuple[int, ...]]:
 
 def eval_classes(ctx: JobContext) -> list[str]:
     """The classes (label / region keys) a secure evaluation sum carries."""
-    from fedseg.training.evaluate import label_groups
-
     assert ctx.plan is not None
     return sorted(label_groups(ctx.plan.labels))
 

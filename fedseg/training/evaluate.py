@@ -40,21 +40,10 @@ import torch
 
 from fedseg.data.dataset import load_nifti, read_dataset_json
 from fedseg.data.io import SUPPORTED_ENDINGS, ending_of, strip_ending
+from fedseg.data.labels import label_groups
 from fedseg.errors import FedsegError
 
 METRICS = ("Dice", "HD95")
-
-
-
-def label_groups(labels: Mapping[str, int | list[int]]) -> dict[str, list[int]]:
-    """Foreground label/region key -> values, from a dataset.json ``labels`` mapping."""
-    out: dict[str, list[int]] = {}
-    for name, val in labels.items():
-        vals = [int(v) for v in (val if isinstance(val, list) else [val])]
-        if vals == [0] or name == "ignore":
-            continue
-        out[",".join(str(v) for v in vals)] = vals
-    return out
 
 
 def case_metrics(
