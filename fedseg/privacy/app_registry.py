@@ -34,6 +34,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+# at import time, not in the functions: the registry's request threads and the server's main
+# thread would otherwise import flwr concurrently, which can deadlock (fedseg/runtime/frontdoor.py)
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import get_fab_config, get_metadata_from_config
+
 from fedseg.errors import FedsegError
 
 APP_ID_RE = r"^@[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"  # flwr.supercore.constant.APP_ID_PATTERN
@@ -41,8 +46,6 @@ APP_ID_RE = r"^@[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"  # flwr.supercore.constant.APP
 
 def build_fab(app_dir: Path | str) -> bytes:
     """The exact FAB bytes ``flwr run APP_DIR`` would upload (deterministic zip)."""
-    from flwr.cli.build import build_fab_from_disk
-
     try:
         return build_fab_from_disk(Path(app_dir).resolve())
     except Exception as err:  # flwr raises click/typer exceptions for a bad app folder
@@ -51,8 +54,6 @@ def build_fab(app_dir: Path | str) -> bytes:
 
 def fab_app_spec(fab: bytes) -> tuple[str, str]:
     """``('@publisher/name', 'x.y.z')`` from the FAB's pyproject.toml."""
-    from flwr.common.config import get_fab_config, get_metadata_from_config
-
     fab_id, version = get_metadata_from_config(get_fab_config(fab))
     return f"@{fab_id}", version
 

@@ -39,6 +39,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+# flwr at import time, not inside the request handlers: two threads importing the same
+# half-loaded flwr package deadlock (seen under load: ``_DeadlockError`` in the server's main
+# thread building the app while a proxy thread checked a SuperNode's first signature)
+from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+from flwr.supercore.date import now
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_remote_addr
 
@@ -210,10 +216,6 @@ def check_node_auth(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, s
     made within the SuperLink's time window; (None, why) otherwise. Mirrors
     ``flwr.superlink.routers.fleet.node_auth.authenticate_node`` minus the node-id check, which
     needs the body (the SuperLink still makes it)."""
-    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
-    from flwr.supercore.date import now
-    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
-
     try:
         pk_b64, ts_b, sig_b64 = (_header(headers, h) for h in AUTH_HEADERS)
         if pk_b64 is None or ts_b is None or sig_b64 is None:
