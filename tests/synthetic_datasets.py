@@ -187,3 +187,45 @@ def nnunet_order(case: SynthCase) -> tuple[np.ndarray, np.ndarray, tuple[float, 
     lab = np.ascontiguousarray(case.label.transpose(2, 1, 0))[None].astype(np.int16)
     sp = tuple(float(np.float32(s)) for s in case.spacing[::-1])
     return img.astype(np.float32), lab, sp  # type: ignore[return-value]
+
+
+# ---- large_ct: nnU-Net's fingerprint lists only (no images) -----------------------------
+
+LARGE_CT_CHANNELS = {"0": "CT"}
+LARGE_CT_GPU_TARGETS = [8.0, 4.0, 24.0]
+LARGE_CT: dict[str, list[dict]] = {
+    # per site, per case: spacing and cropped shape in nnU-Net array order (z, y, x), the
+    # spacings float32 values as a NIfTI header holds them; relative size after cropping
+    "siteA": [
+        {"spacing": [0.8, 0.78125, 0.78125], "shape_after_crop": [320, 320, 320],
+         "relative_size": 1.0},
+        {"spacing": [0.75, 0.8203125, 0.8203125], "shape_after_crop": [300, 330, 318],
+         "relative_size": 0.93},
+    ],
+    "siteB": [
+        {"spacing": [0.8, 0.7421875, 0.7421875], "shape_after_crop": [336, 312, 324],
+         "relative_size": 0.88},
+        {"spacing": [1.0, 0.80078125, 0.80078125], "shape_after_crop": [290, 322, 316],
+         "relative_size": 1.0},
+    ],
+}
+"""Why no images: four 320^3 CT volumes are 130 M voxels to write and read for what the planner
+needs — spacing, cropped shape and relative size per case — so ``tools/make_nnunet_goldens.py``
+writes these lists straight into nnU-Net's ``dataset_fingerprint.json`` (as for the random
+fingerprints) and ``tests/test_planner.py`` builds fedseg's fingerprints from the same lists.
+nnU-Net makes 3d_lowres and 3d_cascade_fullres for it at 8 and 4 GB; at 24 GB its lowres search
+runs but the lowres median image is not 2x smaller than fullres', so it is dropped."""
+
+
+def large_ct_lists(site: str | None = None) -> tuple[list, list, list, list[str]]:
+    """(spacings, shapes_after_crop, relative_sizes, case ids) of one site or of all sites."""
+    sp, sh, rel, ids = [], [], [], []
+    for s, cases in LARGE_CT.items():
+        if site is not None and s != site:
+            continue
+        for i, c in enumerate(cases):
+            sp.append([float(np.float32(v)) for v in c["spacing"]])
+            sh.append(list(c["shape_after_crop"]))
+            rel.append(float(c["relative_size"]))
+            ids.append(f"{s}_{i:03d}")
+    return sp, sh, rel, ids

@@ -15,6 +15,13 @@ distribution that sample is drawn from, so they differ by nnU-Net's sampling noi
 intensity bin width: CT percentiles within 1 HU (the bin width; integer HU values are exact),
 other channels within 0.1 % (log-grid bin width), means within 1e-3 std, std within 1e-3.
 
+Configurations: 3d_fullres, 2d and, where nnU-Net makes them, 3d_lowres and 3d_cascade_fullres
+(``large_ct``: four ~320^3 CT cases given as fingerprint lists; 34 of the random plans). The
+cascade is compared with nnU-Net's stub (``inherits_from``, ``previous_stage``) and, where the
+golden has it, with its resolved configuration; goldens written before resampling settings and
+``next_stage`` were recorded are checked on the fields they hold, plus nnU-Net's rule that the
+cascade and ``next_stage`` exist exactly when 3d_lowres does.
+
 Runtime: a few seconds in all (the ~160^3 dataset is fingerprinted from memory, without NIfTI).
 """
 
@@ -33,6 +40,7 @@ from fedseg.data.dataset import Case, DatasetJson, read_dataset_json
 from fedseg.data.demo import make_demo_data
 from fedseg.errors import FedsegError
 from fedseg.planning.cli_impl import plan_main
+from fedseg.planning.federated import plan_from_fingerprint_sum
 from fedseg.planning.fingerprint import (
     CT_GRID,
     INTENSITY_GRID,
@@ -42,7 +50,7 @@ from fedseg.planning.fingerprint import (
     fingerprint_from_summaries,
     nonzero_bbox,
 )
-from fedseg.planning.plan import Plan
+from fedseg.planning.plan import CASCADE, Plan
 from fedseg.planning.planner import make_plan, plan_configurations
 
 GOLDENS = Path(__file__).parent / "goldens"
@@ -116,6 +124,42 @@ def test_plan_of_summed_site_fingerprints_equals_nnunet(name: str, site_fingerpr
     for gb, gp in g["plans"].items():
         ours = plan_configurations(fp, ds, gpu_memory_gb=float(gb))
         _compare_plans(ours, gp, f"{name} @ {gb} GB")
+        _compare_plans(_plan_dict(make_plan(fp, ds, gpu_memory_gb=float(gb))), gp,
+                       f"{name} @ {gb} GB (Plan)")
+
+
+def _plan_dict(plan: Plan) -> dict:
+    """A :class:`Plan` in the form of :func:`plan_configurations`' result (what is compared)."""
+    return {
+        "transpose_forward": plan.transpose_forward,
+        "transpose_backward": plan.transpose_backward,
+        "original_median_spacing_after_transp": plan.original_median_spacing_after_transp,
+        "original_median_shape_after_transp": plan.original_median_shape_after_transp,
+        "configurations": {k: c.model_dump() for k, c in plan.configurations.items()},
+    }
+
+
+CONFIG_KEYS = (
+    "patch_size", "batch_size", "strides", "kernel_sizes", "features_per_stage", "n_stages",
+    "n_conv_per_stage", "n_conv_per_stage_decoder", "median_image_size_in_voxels",
+    "normalization_schemes", "use_mask_for_norm", "batch_dice",
+)
+# recorded by make_nnunet_goldens.py since the cascade was planned; absent from older goldens
+RECORDED_LATER = (
+    "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+    "resampling_fn_seg_kwargs", "resampling_fn_probabilities",
+    "resampling_fn_probabilities_kwargs",
+)
+
+
+def _compare_config(oc: dict, gc: dict, w: str) -> None:
+    assert np.allclose(oc["spacing"], gc["spacing"], rtol=1e-4, atol=0), w
+    for key in CONFIG_KEYS:
+        assert oc[key] == gc[key], f"{w} {key}: fedseg {oc[key]} != nnU-Net {gc[key]}"
+    if "resampling_fn_data" in gc:  # a golden that records them: all of them, next_stage too
+        for key in (*RECORDED_LATER, "next_stage"):
+            assert oc.get(key) == gc.get(key), f"{w} {key}: fedseg {oc.get(key)} != nnU-Net " \
+                f"{gc.get(key)}"
 
 
 def _compare_plans(ours: dict, gp: dict, where: str) -> None:
@@ -128,18 +172,27 @@ def _compare_plans(ours: dict, gp: dict, where: str) -> None:
         ours["original_median_spacing_after_transp"],
         gp["original_median_spacing_after_transp"], rtol=1e-4, atol=0,
     ), where
-    assert set(ours["configurations"]) == set(gp["configurations"]), where
-    for cname, gc in gp["configurations"].items():
-        oc = ours["configurations"][cname]
-        w = f"{where} {cname}"
-        assert np.allclose(oc["spacing"], gc["spacing"], rtol=1e-4, atol=0), w
-        for key in (
-            "patch_size", "batch_size", "strides", "kernel_sizes", "features_per_stage",
-            "n_stages", "n_conv_per_stage", "n_conv_per_stage_decoder",
-            "median_image_size_in_voxels", "normalization_schemes", "use_mask_for_norm",
-            "batch_dice",
-        ):
-            assert oc[key] == gc[key], f"{w} {key}: fedseg {oc[key]} != nnU-Net {gc[key]}"
+    oconf, gconf = ours["configurations"], gp["configurations"]
+    # nnU-Net writes the cascade exactly when it writes 3d_lowres (and 3d_fullres)
+    assert set(oconf) - {CASCADE} == set(gconf) - {CASCADE}, where
+    assert (CASCADE in oconf) == ("3d_lowres" in gconf), where
+    for cname, gc in gconf.items():
+        if cname != CASCADE:
+            _compare_config(oconf[cname], gc, f"{where} {cname}")
+    if "3d_lowres" in gconf:
+        assert oconf["3d_lowres"]["next_stage"] == CASCADE, where
+        casc = oconf[CASCADE]
+        stub = gconf.get(CASCADE, {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"})
+        assert (casc["inherits_from"], casc["previous_stage"]) == (
+            stub["inherits_from"], stub["previous_stage"]), where
+        # resolved: the parent's fields, then the stub's (nnU-Net's PlansManager)
+        _compare_config(casc, stub.get("resolved", gconf[stub["inherits_from"]]),
+                        f"{where} {CASCADE}")
+        parent = {k: v for k, v in oconf["3d_fullres"].items()
+                  if k not in ("inherits_from", "previous_stage")}
+        assert {k: v for k, v in casc.items() if k in parent} == parent, where
+    else:
+        assert all(c.get("next_stage") is None for c in oconf.values()), where
 
 
 def test_plans_of_random_fingerprints_equal_nnunet() -> None:
@@ -147,18 +200,64 @@ def test_plans_of_random_fingerprints_equal_nnunet() -> None:
     cases through its histograms — covers anisotropy, ties, reductions, lowres, batch caps."""
     g = _golden("random_fingerprints")
     kinds: set[str] = set()
+    lowres_plans = 0
     for d in g["datasets"]:
+        # a few foreground values per case, so that make_plan has intensities to report
+        fg = [{c: np.array([1.0, 2.0, 3.0]) for c in d["channel_names"]}] * len(d["spacings"])
         fp = fingerprint_from_summaries(
-            d["channel_names"], d["spacings"], d["shapes_after_crop"], d["relative_sizes"]
+            d["channel_names"], d["spacings"], d["shapes_after_crop"], d["relative_sizes"], fg
         )
         ds = DatasetJson(channel_names=d["channel_names"], labels=d["labels"])
         for gb, gp in d["plans"].items():
+            where = f"random dataset {d['id']} ({d['pattern']}) @ {gb} GB"
             ours = plan_configurations(fp, ds, gpu_memory_gb=float(gb))
-            _compare_plans(ours, gp, f"random dataset {d['id']} ({d['pattern']}) @ {gb} GB")
+            _compare_plans(ours, gp, where)
+            plan = make_plan(fp, ds, gpu_memory_gb=float(gb))
+            _compare_plans(_plan_dict(plan), gp, where + " (Plan)")
             kinds.update(gp["configurations"])
+            lowres_plans += "3d_lowres" in plan.configurations
             if gp["transpose_forward"] != [0, 1, 2]:
                 kinds.add("transposed")
     assert {"3d_lowres", "transposed"} <= kinds
+    assert lowres_plans == 34  # every lowres nnU-Net made there is in fedseg's Plan too
+
+
+def _large_ct_fingerprint(site: str | None) -> Fingerprint:
+    """fedseg's fingerprint of the large CT cases of one site (None: all four, one site)."""
+    sp, sh, rel, ids = sd.large_ct_lists(site)
+    fg = []
+    for cid in ids:  # intensities are not what is compared here: a small HU sample per case
+        rng = np.random.default_rng([sd.SEED, int(cid[-3:]), ord(cid[4])])
+        fg.append({"0": rng.integers(-100, 300, 500).astype(np.float64)})
+    return fingerprint_from_summaries(sd.LARGE_CT_CHANNELS, sp, sh, rel, fg)
+
+
+@pytest.mark.parametrize("federated", [False, True], ids=["single_site", "fingerprint_sum"])
+def test_large_ct_lowres_and_cascade_equal_nnunet(federated: bool) -> None:
+    """Four ~320^3 CT cases (nnU-Net's fingerprint lists, no images): 3d_fullres, 3d_lowres and
+    3d_cascade_fullres equal nnU-Net's on every field at 8 and 4 GB; at 24 GB nnU-Net's lowres
+    search ends in a drop (lowres median not 2x smaller) and neither plan has the cascade. The
+    plan is made from one site holding every case, and — as the server does — from the SUM of
+    the two sites' secure-aggregation vectors."""
+    g = _golden("large_ct")
+    ds = DatasetJson(channel_names=sd.LARGE_CT_CHANNELS, labels=sd.LABELS)
+    assert list(g["sites"]) == list(sd.LARGE_CT), STALE
+    if federated:
+        total = sum(_large_ct_fingerprint(s).to_vector() for s in sd.LARGE_CT)
+        fp = Fingerprint.from_vector(total, Fingerprint.empty(ds.channel_names))
+    else:
+        fp = _large_ct_fingerprint(None)
+    _check_fingerprint_matches_golden(fp, g)
+    seen = {}
+    for gb, gp in g["plans"].items():
+        if federated:
+            plan = plan_from_fingerprint_sum(total, ds, float(gb), "large_ct")
+        else:
+            plan = make_plan(fp, ds, gpu_memory_gb=float(gb), dataset_name="large_ct")
+        _compare_plans(_plan_dict(plan), gp, f"large_ct @ {gb} GB")
+        seen[gb] = set(plan.configurations)
+    full = {"2d", "3d_fullres", "3d_lowres", CASCADE}
+    assert seen == {"8": full, "4": full, "24": {"2d", "3d_fullres"}}
 
 
 def test_goldens_cover_the_rules_that_matter() -> None:
@@ -173,6 +272,22 @@ def test_goldens_cover_the_rules_that_matter() -> None:
     assert big["use_mask_for_norm"] == [False, False]
     demo = _golden("demo")["plans"]["8"]["configurations"]["3d_fullres"]
     assert demo["use_mask_for_norm"] == [True]
+    large = _golden("large_ct")["plans"]
+    for gb in ("8", "4"):  # nnU-Net's cascade, as nnU-Net writes it, and its resolution
+        conf = large[gb]["configurations"]
+        assert conf["3d_lowres"]["next_stage"] == CASCADE
+        assert {k: conf[CASCADE][k] for k in ("inherits_from", "previous_stage")} == {
+            "inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+        assert conf[CASCADE]["resolved"]["patch_size"] == conf["3d_fullres"]["patch_size"]
+        assert conf["3d_fullres"]["batch_dice"] and not conf["3d_lowres"]["batch_dice"]
+        lo, fu = conf["3d_lowres"], conf["3d_fullres"]
+        assert np.prod(lo["median_image_size_in_voxels"]) * 2 <= np.prod(
+            fu["median_image_size_in_voxels"])
+        assert fu["resampling_fn_data_kwargs"]["order"] == 3
+        assert fu["resampling_fn_seg_kwargs"] == {"is_seg": True, "order": 1, "order_z": 0,
+                                                  "force_separate_z": None}
+    assert set(large["24"]["configurations"]) == {"2d", "3d_fullres"}
+    assert large["24"]["configurations"]["3d_fullres"]["batch_dice"] is False
 
 
 @pytest.mark.parametrize("name", ["demo", "aniso_ct", "big_mri"])

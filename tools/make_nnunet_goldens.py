@@ -24,7 +24,18 @@ PNG, regions; the test skips when that folder is absent). ``random``
 (``random_fingerprints.json``): nnU-Net's planner on 80 random fingerprints (per-case
 spacings and cropped shapes written straight into nnU-Net's ``dataset_fingerprint.json``, no
 images) at 8 GB and a random target — the rules on many more
-shapes, anisotropies, ties and budgets than image datasets could cover cheaply.
+shapes, anisotropies, ties and budgets than image datasets could cover cheaply. ``large_ct``:
+four ~320^3 CT cases at ~0.8 mm on two sites (``synthetic_datasets.LARGE_CT``), also written
+as fingerprint lists without images; nnU-Net makes ``3d_lowres`` and ``3d_cascade_fullres``
+for it at 8 and 4 GB and drops its lowres at 24 GB. ``resampling``: nnU-Net's
+``resample_data_or_seg_to_shape`` (the plan's default orders) on tiny arrays, isotropic and
+anisotropic, images and label maps.
+
+Each configuration keeps the geometry fields, the resampling settings and the cascade links
+(``next_stage``; ``3d_cascade_fullres`` as nnU-Net writes it, ``inherits_from`` and
+``previous_stage``, and ``resolved`` = what nnU-Net's ``PlansManager.get_configuration``
+returns for it). Goldens written before the resampling/cascade fields were recorded lack them;
+``tests/test_planner.py`` compares what a golden holds.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import synthetic_datasets as sd  # noqa: E402
 GPU_TARGETS = {"demo": [8.0, 0.1], "aniso_ct": [8.0, 0.5, 0.1], "big_mri": [8.0, 4.0],
                "fundus": [8.0, 2.0]}
 DATASET_IDS = {"demo": 1, "aniso_ct": 2, "big_mri": 3, "fundus": 4}
+LARGE_CT_ID = 5
 FUNDUS = REPO.parent / "shared" / "data" / "fundus"  # real 2D data (not in the repository)
 CONFIG_FIELDS = (
     "spacing",
@@ -56,6 +68,15 @@ CONFIG_FIELDS = (
     "normalization_schemes",
     "use_mask_for_norm",
     "batch_dice",
+)
+OPTIONAL_FIELDS = (  # absent from some configurations (next_stage) or from older nnU-Nets
+    "next_stage",
+    "resampling_fn_data",
+    "resampling_fn_data_kwargs",
+    "resampling_fn_seg",
+    "resampling_fn_seg_kwargs",
+    "resampling_fn_probabilities",
+    "resampling_fn_probabilities_kwargs",
 )
 ARCH_FIELDS = ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage",
                "n_conv_per_stage_decoder")
@@ -129,19 +150,29 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def golden(name: str, sites: list[Path], fingerprint: dict, plans: dict) -> dict[str, Any]:
+def _config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    arch = cfg["architecture"]["arch_kwargs"]
+    c = {k: cfg[k] for k in CONFIG_FIELDS}
+    c.update({k: cfg[k] for k in OPTIONAL_FIELDS if k in cfg})
+    c.update({k: arch[k] for k in ARCH_FIELDS})
+    return c
+
+
+def golden(name: str, sites: list[Path] | dict[str, list[str]], fingerprint: dict,
+           plans: dict) -> dict[str, Any]:
     import nnunetv2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     out_plans = {}
     for gb, p in plans.items():
         configs = {}
         for cname, cfg in p["configurations"].items():
-            if "architecture" not in cfg:
-                continue  # 3d_cascade_fullres only inherits
-            arch = cfg["architecture"]["arch_kwargs"]
-            c = {k: cfg[k] for k in CONFIG_FIELDS}
-            c.update({k: arch[k] for k in ARCH_FIELDS})
-            configs[cname] = c
+            if "architecture" not in cfg:  # 3d_cascade_fullres: a stub that inherits
+                resolved = PlansManager(p).get_configuration(cname).configuration
+                configs[cname] = {**{k: cfg[k] for k in cfg},
+                                  "resolved": _config_fields(resolved)}
+                continue
+            configs[cname] = _config_fields(cfg)
         out_plans[gb] = {
             "transpose_forward": p["transpose_forward"],
             "transpose_backward": p["transpose_backward"],
@@ -153,7 +184,8 @@ def golden(name: str, sites: list[Path], fingerprint: dict, plans: dict) -> dict
         "name": name,
         "generated_by": "tools/make_nnunet_goldens.py",
         "nnunetv2_version": getattr(nnunetv2, "__version__", None) or _dist_version("nnunetv2"),
-        "sites": {s.name: sorted(f.name for f in (s / "labelsTr").iterdir()) for s in sites},
+        "sites": sites if isinstance(sites, dict) else {
+            s.name: sorted(f.name for f in (s / "labelsTr").iterdir()) for s in sites},
         "fingerprint": {
             "spacings": fingerprint["spacings"],
             "shapes_after_crop": fingerprint["shapes_after_crop"],
@@ -236,49 +268,56 @@ def random_dataset(rng: Any, i: int) -> dict[str, Any]:
             "gpu_memory_gb": gbs}
 
 
-def random_goldens(work: Path) -> dict[str, Any]:
-    """nnU-Net's ExperimentPlanner on RANDOM_DATASETS random fingerprints."""
+def plans_from_lists(work: Path, did: int, raw_name: str, channel_names: dict[str, str],
+                     labels: dict[str, int], spacings: list, shapes: list,
+                     median_relative_size: float, gbs: list[float]) -> dict[str, Any]:
+    """nnU-Net's ExperimentPlanner on a fingerprint written from per-case lists (no images),
+    per GPU target in GB."""
     import nibabel as nib
     import numpy as np
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
         ExperimentPlanner,
     )
 
+    raw = work / "raw" / f"Dataset{did:03d}_{raw_name}"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir(parents=True)
+    for c in channel_names:  # one dummy case: nnU-Net looks up the reader from it
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
+                 str(raw / "imagesTr" / f"dummy_{int(c):04d}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)),
+             str(raw / "labelsTr" / "dummy.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": channel_names, "labels": labels,
+        "numTraining": len(spacings), "file_ending": ".nii.gz",
+    }))
+    pre = work / "preprocessed" / raw.name
+    pre.mkdir(parents=True)
+    dummy_props = {"mean": 0.0, "median": 0.0, "std": 1.0, "min": 0.0, "max": 1.0,
+                   "percentile_99_5": 1.0, "percentile_00_5": 0.0}
+    (pre / "dataset_fingerprint.json").write_text(json.dumps({
+        "spacings": spacings,
+        "shapes_after_crop": shapes,
+        "median_relative_size_after_cropping": median_relative_size,
+        "foreground_intensity_properties_per_channel": {c: dummy_props for c in channel_names},
+    }))
+    return {f"{gb:g}": ExperimentPlanner(did, gpu_memory_target_in_gb=gb,
+                                         plans_name=f"nnUNetPlans_{gb:g}GB").plan_experiment()
+            for gb in gbs}
+
+
+def random_goldens(work: Path) -> dict[str, Any]:
+    """nnU-Net's ExperimentPlanner on RANDOM_DATASETS random fingerprints."""
+    import numpy as np
+
     rng = np.random.default_rng(sd.SEED)
     entries = []
     for i in range(RANDOM_DATASETS):
         d = random_dataset(rng, i)
-        did = 100 + i
-        raw = work / "raw" / f"Dataset{did:03d}_random{i}"
-        (raw / "imagesTr").mkdir(parents=True)
-        (raw / "labelsTr").mkdir(parents=True)
-        for c in d["channel_names"]:  # one dummy case: nnU-Net looks up the reader from it
-            nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
-                     str(raw / "imagesTr" / f"dummy_{int(c):04d}.nii.gz"))
-        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)),
-                 str(raw / "labelsTr" / "dummy.nii.gz"))
-        (raw / "dataset.json").write_text(json.dumps({
-            "channel_names": d["channel_names"], "labels": d["labels"],
-            "numTraining": len(d["spacings"]), "file_ending": ".nii.gz",
-        }))
-        pre = work / "preprocessed" / raw.name
-        pre.mkdir(parents=True)
-        dummy_props = {"mean": 0.0, "median": 0.0, "std": 1.0, "min": 0.0, "max": 1.0,
-                       "percentile_99_5": 1.0, "percentile_00_5": 0.0}
-        (pre / "dataset_fingerprint.json").write_text(json.dumps({
-            "spacings": d["spacings"],
-            "shapes_after_crop": d["shapes_after_crop"],
-            "median_relative_size_after_cropping": float(np.median(d["relative_sizes"])),
-            "foreground_intensity_properties_per_channel": {
-                c: dummy_props for c in d["channel_names"]
-            },
-        }))
-        plans = {}
-        for gb in d["gpu_memory_gb"]:
-            plans[f"{gb:g}"] = ExperimentPlanner(
-                did, gpu_memory_target_in_gb=gb, plans_name=f"nnUNetPlans_{gb:g}GB"
-            ).plan_experiment()
-        d["plans"] = golden("random", [], {"spacings": [], "shapes_after_crop": [],
+        plans = plans_from_lists(work, 100 + i, f"random{i}", d["channel_names"], d["labels"],
+                                 d["spacings"], d["shapes_after_crop"],
+                                 float(np.median(d["relative_sizes"])), d["gpu_memory_gb"])
+        d["plans"] = golden("random", {}, {"spacings": [], "shapes_after_crop": [],
                             "median_relative_size_after_cropping": None,
                             "foreground_intensity_properties_per_channel": {}}, plans)["plans"]
         entries.append(d)
@@ -287,10 +326,67 @@ def random_goldens(work: Path) -> dict[str, Any]:
             "nnunetv2_version": _dist_version("nnunetv2"), "datasets": entries}
 
 
+def large_ct_golden(work: Path) -> dict[str, Any]:
+    """nnU-Net's plans for ``synthetic_datasets.LARGE_CT`` (fingerprint lists, no images)."""
+    import numpy as np
+
+    spacings, shapes, rel, _ = sd.large_ct_lists()
+    median_rel = float(np.median(rel))
+    plans = plans_from_lists(work, LARGE_CT_ID, "large_ct", sd.LARGE_CT_CHANNELS, sd.LABELS,
+                             spacings, shapes, median_rel, sd.LARGE_CT_GPU_TARGETS)
+    sites = {s: sd.large_ct_lists(s)[3] for s in sd.LARGE_CT}
+    return golden("large_ct", sites, {
+        "spacings": spacings, "shapes_after_crop": shapes,
+        "median_relative_size_after_cropping": median_rel,
+        "foreground_intensity_properties_per_channel": {},  # not planned from images
+    }, plans)
+
+
+# ---- resampling: nnU-Net's resample_data_or_seg_to_shape on tiny arrays --------------------
+
+RESAMPLING_CASES = [
+    # name, input shape, current spacing, new spacing, is_seg, order (order_z 0, force None)
+    ("image_iso_order3", (6, 7, 5), (1.0, 1.0, 1.0), (0.7, 1.4, 0.8), False, 3),
+    ("image_iso_order1", (6, 7, 5), (1.0, 1.0, 1.0), (0.7, 1.4, 0.8), False, 1),
+    ("image_aniso_axis0", (4, 9, 8), (4.0, 1.0, 1.0), (2.5, 0.8, 1.3), False, 3),
+    ("image_aniso_axis2", (9, 8, 4), (1.0, 1.0, 4.0), (1.2, 0.7, 3.0), False, 3),
+    ("seg_iso", (7, 6, 8), (1.0, 1.0, 1.0), (0.6, 1.3, 0.9), True, 1),
+    ("seg_aniso_axis0", (4, 9, 8), (4.0, 1.0, 1.0), (2.5, 0.8, 1.3), True, 1),
+]
+
+
+def resampling_golden() -> dict[str, Any]:
+    """Inputs and nnU-Net's outputs (the plan's default kwargs; integer-valued inputs keep the
+    file small): the reference for ``fedseg.training.resample``."""
+    import numpy as np
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        compute_new_shape,
+        resample_data_or_seg_to_shape,
+    )
+
+    rng = np.random.default_rng(sd.SEED)
+    cases = []
+    for name, shape, cur, new, is_seg, order in RESAMPLING_CASES:
+        if is_seg:  # labels -1 (outside the body), 0, 1, 2 in blobs
+            smooth = np.cumsum(np.cumsum(rng.normal(size=shape), 0), 1)
+            data = np.digitize(smooth, np.quantile(smooth, [0.15, 0.5, 0.8])) - 1
+            data = data.astype(np.int16)[None]
+        else:
+            data = rng.integers(-200, 200, shape).astype(np.float32)[None]
+        new_shape = compute_new_shape(shape, cur, new)
+        kwargs = {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
+        out = resample_data_or_seg_to_shape(data, new_shape, cur, new, **kwargs)
+        cases.append({"name": name, "current_spacing": list(cur), "new_spacing": list(new),
+                      "new_shape": [int(i) for i in new_shape], "kwargs": kwargs,
+                      "input": data[0].tolist(), "output": out[0].tolist()})
+    return {"name": "resampling", "generated_by": "tools/make_nnunet_goldens.py",
+            "nnunetv2_version": _dist_version("nnunetv2"), "cases": cases}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "tests" / "goldens")
-    names = [*DATASET_IDS, "random"]
+    names = [*DATASET_IDS, "random", "large_ct", "resampling"]
     ap.add_argument("--only", nargs="*", choices=names, default=names)
     ap.add_argument("--keep", action="store_true", help="keep the temporary nnU-Net folders")
     args = ap.parse_args()
@@ -309,6 +405,13 @@ def main() -> None:
             if name == "random":
                 path = args.out / "random_fingerprints.json"
                 path.write_text(json.dumps(_jsonable(random_goldens(work)), indent=None) + "\n")
+                print(f"wrote {path}")
+                continue
+            if name in ("large_ct", "resampling"):
+                path = args.out / f"{name}.json"
+                g = large_ct_golden(work) if name == "large_ct" else resampling_golden()
+                path.write_text(json.dumps(_jsonable(g), indent=None if name == "resampling"
+                                           else 1) + "\n")
                 print(f"wrote {path}")
                 continue
             sites = build_sites(name, work / "sites" / name)

@@ -489,11 +489,17 @@ class _Accumulator:
         shape_after = cropped.shape[1:]
         rel = float(np.prod(shape_after) / np.prod(shape_before))
         self.add_geometry(spacing, shape_after, rel)
-        n = int(fg.sum())
-        if n == 0:
-            return
-        for c_idx, c in enumerate(sorted(self.channel_names, key=int)):
-            vals = cropped[c_idx][fg].astype(np.float64)
+        if fg.any():
+            self.add_foreground({c: cropped[c_idx][fg] for c_idx, c in
+                                 enumerate(sorted(self.channel_names, key=int))})
+
+    def add_foreground(self, values: dict[str, np.ndarray]) -> None:
+        """The intensity part of one case: its foreground voxel values per channel."""
+        for c in sorted(self.channel_names, key=int):
+            vals = np.asarray(values[c], dtype=np.float64).ravel()
+            n = vals.size
+            if n == 0:
+                continue
             grid = self.grids[c]
             idx = grid.index(vals)
             self.hist[c][0] += np.bincount(idx, minlength=grid.size) / n
@@ -546,16 +552,21 @@ def fingerprint_from_summaries(
     spacings: Sequence[Sequence[float]],
     shapes_after_crop: Sequence[Sequence[int]],
     relative_sizes: Sequence[float],
+    foreground: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> Fingerprint:
-    """The geometric part of a fingerprint from per-case lists (no intensity statistics).
+    """A fingerprint from per-case lists instead of images.
 
     These are the lists of an nnU-Net ``dataset_fingerprint.json`` (``spacings``,
-    ``shapes_after_crop``; nnU-Net keeps only the median relative size). Tests use it to check
-    the planner against nnU-Net on many random datasets without images.
+    ``shapes_after_crop``; nnU-Net keeps only the median relative size) and, optionally, each
+    case's foreground voxel values per channel (without them: no intensity statistics). Tests
+    use it to check the planner against nnU-Net on datasets too large or too many to write.
     """
     acc = _Accumulator(channel_names)
-    for sp, sh, rel in zip(spacings, shapes_after_crop, relative_sizes, strict=True):
+    fg = foreground if foreground is not None else [None] * len(spacings)
+    for sp, sh, rel, vals in zip(spacings, shapes_after_crop, relative_sizes, fg, strict=True):
         acc.add_geometry(sp, sh, rel)
+        if vals is not None:
+            acc.add_foreground(vals)
     return acc.result()
 
 

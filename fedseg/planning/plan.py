@@ -5,6 +5,19 @@ plan can be compared with nnU-Net's field by field) but is a pydantic model: it 
 when read, it travels between server and sites, and it is saved with every run and inside every
 model bundle. All per-axis lists are in the plan's TRANSPOSED axis order (nnU-Net's
 ``transpose_forward`` applied to nnU-Net/SimpleITK array order, see ``fedseg.data.dataset``).
+
+Configurations are nnU-Net's: ``3d_fullres`` and ``2d`` always (3D data), and — when nnU-Net's
+planner makes them (a fullres patch covers under 25 % of the median image) — ``3d_lowres``
+(``next_stage = "3d_cascade_fullres"``) and ``3d_cascade_fullres``. nnU-Net stores the cascade
+as ``{"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}``; fedseg stores it
+RESOLVED (what nnU-Net's ``PlansManager.get_configuration`` returns: 3d_fullres' fields plus
+those two), so every consumer reads one complete configuration. fedseg trains 2d, 3d_fullres
+and 3d_lowres; training the cascade's second stage (3d_fullres fed with the 3d_lowres
+model's upsampled prediction) is NOT implemented: choosing it is a :class:`FedsegError`.
+
+The plan's hash must not move for plans that existed before a field was added (run
+checkpoints, caches and bundles are keyed by it): fields added later are left out of the
+hashed JSON while they are None or hold nnU-Net's default (``_HASH_NEUTRAL``).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedseg.config_io import load_json_model
 from fedseg.data.dataset_json import DatasetJson
@@ -36,8 +49,34 @@ class IntensityProperties(BaseModel):
     percentile_99_5: float
 
 
+CASCADE = "3d_cascade_fullres"
+TRAINABLE = ("2d", "3d_fullres", "3d_lowres")
+
+
+class ResamplingKwargs(BaseModel):
+    """Keyword arguments of nnU-Net's ``resample_data_or_seg_to_shape`` (spline ``order``
+    in-plane; ``order_z`` along the one coarse axis when the spacing is anisotropic, > 3x;
+    ``force_separate_z`` None: decide by that rule)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # shared as field defaults
+
+    is_seg: bool
+    order: int = Field(ge=0, le=5)
+    order_z: int = Field(ge=0, le=5)
+    force_separate_z: bool | None = None
+
+
+RESAMPLE_FN = "resample_data_or_seg_to_shape"
+# ExperimentPlanner.determine_resampling / determine_segmentation_softmax_export_fn (2.8.1):
+# images order 3, segmentations order 1 (on each label's one-hot mask), probabilities order 1,
+# order 0 along the coarse axis of anisotropic data
+DATA_RESAMPLING = ResamplingKwargs(is_seg=False, order=3, order_z=0)
+SEG_RESAMPLING = ResamplingKwargs(is_seg=True, order=1, order_z=0)
+PROBABILITIES_RESAMPLING = ResamplingKwargs(is_seg=False, order=1, order_z=0)
+
+
 class ConfigurationPlan(BaseModel):
-    """One nnU-Net configuration ("2d" or "3d_fullres")."""
+    """One nnU-Net configuration ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,15 +103,47 @@ class ConfigurationPlan(BaseModel):
     n_conv_per_stage: list[int]
     n_conv_per_stage_decoder: list[int]
     batch_dice: bool
+    # nnU-Net's resampling settings (fedseg.training.resample follows them)
+    resampling_fn_data: Literal["resample_data_or_seg_to_shape"] = RESAMPLE_FN
+    resampling_fn_data_kwargs: ResamplingKwargs = DATA_RESAMPLING
+    resampling_fn_seg: Literal["resample_data_or_seg_to_shape"] = RESAMPLE_FN
+    resampling_fn_seg_kwargs: ResamplingKwargs = SEG_RESAMPLING
+    resampling_fn_probabilities: Literal["resample_data_or_seg_to_shape"] = RESAMPLE_FN
+    resampling_fn_probabilities_kwargs: ResamplingKwargs = PROBABILITIES_RESAMPLING
+    # the cascade: 3d_lowres -> next_stage 3d_cascade_fullres; 3d_cascade_fullres ->
+    # previous_stage 3d_lowres, inherits_from 3d_fullres (nnU-Net's names and meaning)
+    next_stage: str | None = None
+    previous_stage: str | None = None
+    inherits_from: str | None = None
+
+
+# fields added after plans were first hashed: out of the hash while None or at these values
+_HASH_NEUTRAL = {
+    name: ConfigurationPlan.model_fields[name].default
+    for name in (
+        "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+        "resampling_fn_seg_kwargs", "resampling_fn_probabilities",
+        "resampling_fn_probabilities_kwargs",
+    )
+}
+
+
+def _not_trainable(name: str) -> FedsegError:
+    return FedsegError(
+        f"configuration '{name}': training nnU-Net's cascade (its second stage takes the "
+        "3d_lowres model's prediction as input) is not supported yet; choose one of "
+        f"{', '.join(TRAINABLE)}"
+    )
 
 
 def with_configuration(plan: Plan, name: str | None) -> Plan:
     """``plan`` set to train configuration ``name`` (None: unchanged); the choice then travels
     with the plan to every site. Refused where the plan has no such configuration (3d_fullres
-    for 2D data)."""
+    for 2D data, 3d_lowres where nnU-Net made none) and for 3d_cascade_fullres (see the module
+    docstring)."""
     if name is None:
         return plan
-    plan.config(name)  # one clear line if missing
+    plan.trainable_config(name)  # one clear line if missing or not trainable
     return plan.model_copy(update={"configuration": name})
 
 
@@ -95,11 +166,20 @@ class Plan(BaseModel):
     original_median_shape_after_transp: list[float]
     foreground_intensity_properties_per_channel: dict[str, IntensityProperties]
     configurations: dict[str, ConfigurationPlan] = Field(
-        description='"3d_fullres" (3D data) and "2d"'
+        description='"3d_fullres" (3D data), "2d", and where nnU-Net makes them "3d_lowres" and '
+        '"3d_cascade_fullres"'
     )
     configuration: str | None = Field(
         default=None, description="the configuration to train (server.toml 'configuration'); "
         "None: nnU-Net's choice, 3d_fullres for 3D data, 2d for 2D data")
+
+    @field_validator("configuration")
+    @classmethod
+    def _trainable(cls, v: str | None) -> str | None:
+        if v is not None and v not in TRAINABLE:
+            raise ValueError(str(_not_trainable(v)) if v == CASCADE else
+                             f"'{v}' is not a configuration fedseg trains ({', '.join(TRAINABLE)})")
+        return v
 
     @property
     def layout(self) -> LabelLayout:
@@ -146,10 +226,25 @@ class Plan(BaseModel):
             )
         return self.configurations[name]
 
+    def trainable_config(self, name: str | None = None) -> ConfigurationPlan:
+        """:meth:`config`, refusing what fedseg cannot train (3d_cascade_fullres)."""
+        name = name or self.default_configuration
+        cfg = self.config(name)
+        if name not in TRAINABLE:
+            raise _not_trainable(name)
+        return cfg
+
     def canonical_json(self) -> str:
-        # exclude_none: a field added with a None default leaves old plans' hashes unchanged
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True,
-                          separators=(",", ":"))
+        # exclude_none: a field added with a None default leaves old plans' hashes unchanged;
+        # fields added with a non-None default are dropped while they hold it (_HASH_NEUTRAL)
+        data = self.model_dump(mode="json", exclude_none=True)
+        neutral = {k: (v.model_dump(mode="json", exclude_none=True)
+                       if isinstance(v, BaseModel) else v) for k, v in _HASH_NEUTRAL.items()}
+        for cfg in data["configurations"].values():
+            for key, default in neutral.items():
+                if cfg.get(key) == default:
+                    del cfg[key]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def hash(self) -> str:
         """Short content hash; preprocessed-data caches are keyed by it."""

@@ -21,7 +21,7 @@ fedseg                                      nnunetv2 / dynamic_network_architect
                                             ``ExperimentPlanner.static_estimate_VRAM_usage``
 :func:`configuration`                       ``ExperimentPlanner.get_plans_for_configuration``
 :func:`plan_configurations`                 ``ExperimentPlanner.plan_experiment`` (3d_fullres,
-                                            3d_lowres — only to set batch_dice —, 2d)
+                                            3d_lowres, 3d_cascade_fullres, 2d)
 :func:`intensity_properties`                ``DatasetFingerprintExtractor.run`` statistics
 ==========================================  ===================================================
 
@@ -32,8 +32,9 @@ per-case values that the histogram holds (exact when a bin holds one distinct va
 
 Deliberate differences: ``numTraining`` is the number of cases actually fingerprinted (nnU-Net
 reads it from dataset.json); a 2D dataset (median resampled shape 1 along the first axis) is
-refused (fedseg trains 3D); ``3d_lowres`` is computed but not put in the plan (fedseg has no
-cascade) — it only decides ``batch_dice`` of 3d_fullres, as in nnU-Net.
+refused (fedseg trains 3D); ``3d_cascade_fullres`` is stored resolved (3d_fullres' fields plus
+``inherits_from`` and ``previous_stage``, what nnU-Net's ``PlansManager`` hands its trainer)
+instead of nnU-Net's two-key stub, see ``fedseg.planning.plan``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ import numpy as np
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
 from fedseg.planning.fingerprint import NNUNET_FOREGROUND_SAMPLES, Fingerprint, Histogram
-from fedseg.planning.plan import ConfigurationPlan, IntensityProperties, Plan
+from fedseg.planning.plan import (
+    CASCADE,
+    DATA_RESAMPLING,
+    PROBABILITIES_RESAMPLING,
+    RESAMPLE_FN,
+    SEG_RESAMPLING,
+    ConfigurationPlan,
+    IntensityProperties,
+    Plan,
+)
 
 # ExperimentPlanner.__init__ constants (nnunetv2 2.x)
 ANISO_THRESHOLD = 3
@@ -412,12 +422,16 @@ def configuration(
 
 def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx_voxels: float,
              num_label_names: int, gpu_memory_gb: float, num_training: int) -> dict[str, Any]:
-    """3d_fullres and, when nnU-Net would make one, 3d_lowres."""
+    """3d_fullres and, when nnU-Net would make one, 3d_lowres and 3d_cascade_fullres.
+
+    3d_lowres: the spacing grows by 3 % a step (the coarse axes first while any is more than
+    2x finer than the coarsest) until the lowres patch covers 25 % of the lowres median image;
+    dropped if its median image is not at least 2x smaller than fullres' (in voxels).
+    """
     fullres = configuration(
         spacing_t, new_median_t, ident + "3d_fullres", approx_voxels, num_label_names,
         gpu_memory_gb,
     )
-    # 3d_lowres: only whether it exists matters to fedseg (it sets batch_dice of 3d_fullres)
     median_num_voxels = np.prod(new_median_t, dtype=np.float64)
     num_voxels_in_patch = np.prod(fullres["patch_size"], dtype=np.float64)
     lowres: dict[str, Any] | None = None
@@ -441,13 +455,25 @@ def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx
     if np.prod(new_median_t, dtype=np.float64) / median_num_voxels < 2:
         lowres = None
     fullres["batch_dice"] = lowres is not None
-    if lowres is not None:
-        lowres["batch_dice"] = False
-
     configs = {"3d_fullres": fullres}
     if lowres is not None:
+        lowres["batch_dice"] = False
+        lowres["next_stage"] = CASCADE
         configs["3d_lowres"] = lowres
     return configs
+
+
+def resampling_settings() -> dict[str, Any]:
+    """``determine_resampling`` + ``determine_segmentation_softmax_export_fn`` (the same for
+    every configuration of the default planner)."""
+    return {
+        "resampling_fn_data": RESAMPLE_FN,
+        "resampling_fn_data_kwargs": DATA_RESAMPLING.model_dump(),
+        "resampling_fn_seg": RESAMPLE_FN,
+        "resampling_fn_seg_kwargs": SEG_RESAMPLING.model_dump(),
+        "resampling_fn_probabilities": RESAMPLE_FN,
+        "resampling_fn_probabilities_kwargs": PROBABILITIES_RESAMPLING.model_dump(),
+    }
 
 
 def plan_configurations(
@@ -457,8 +483,9 @@ def plan_configurations(
 
     Keys: ``transpose_forward``, ``transpose_backward``, ``original_median_spacing_after_transp``,
     ``original_median_shape_after_transp``, ``median_relative_size_after_cropping`` and
-    ``configurations`` with ``3d_fullres``, ``2d`` and, when nnU-Net would make one,
-    ``3d_lowres``.
+    ``configurations`` with ``3d_fullres``, ``2d`` and, when nnU-Net would make them,
+    ``3d_lowres`` and ``3d_cascade_fullres`` (resolved: 3d_fullres' fields, ``inherits_from``,
+    ``previous_stage``).
     """
     if fp.num_cases < 1:
         raise FedsegError("the fingerprint holds no case; every site needs training cases")
@@ -494,6 +521,10 @@ def plan_configurations(
     for cfg in configs.values():
         cfg["normalization_schemes"] = list(schemes)
         cfg["use_mask_for_norm"] = list(use_mask)
+        cfg.update(resampling_settings())
+    if "3d_lowres" in configs:
+        configs[CASCADE] = {**deepcopy(configs["3d_fullres"]), "inherits_from": "3d_fullres",
+                            "previous_stage": "3d_lowres"}
 
     median_spacing = np.array([hist_median(fp.spacing[ax]) for ax in range(3)])[tf]
     median_shape = np.array([hist_median(fp.shape_after_crop[ax]) for ax in range(3)])[tf]
@@ -516,11 +547,7 @@ def make_plan(
     ``gpu_memory_gb`` the smallest site GPU (nnU-Net's ``gpu_memory_target_in_gb``, default 8).
     """
     raw = plan_configurations(fp, ds, gpu_memory_gb)
-    configs = {
-        name: ConfigurationPlan(**cfg)
-        for name, cfg in raw["configurations"].items()
-        if name in ("3d_fullres", "2d")
-    }
+    configs = {name: ConfigurationPlan(**cfg) for name, cfg in raw["configurations"].items()}
     return Plan(
         dataset_name=dataset_name,
         channel_names=dict(ds.channel_names),
