@@ -164,7 +164,7 @@ def test_zscore_inside_mask_and_ct_clipping(tmp_path):
                              percentile_00_5=100.0, percentile_99_5=300.0)
     pc = preprocess_case(case, make_plan(native, norm="CTNormalization", ct=ct))
     assert np.isclose(pc.data.max(), (300 - 250) / 100) and np.isclose(pc.data.min(), -1.5)
-    # resampling (linear) never leaves the clipped range
+    # resampling (order 3, clipped to its input's range) never leaves the clipped range
     pc = preprocess_case(case, make_plan([2.0, 1.7, 1.3], norm="CTNormalization", ct=ct))
     assert pc.data.max() <= 0.5 + 1e-6 and pc.data.min() >= -1.5 - 1e-6
 

@@ -9,14 +9,8 @@ spacing -> sample foreground locations for oversampling.
 
 Deviations from nnU-Net (deliberate, all small):
 
-* Resampling uses torch ``F.interpolate`` (linear, ``align_corners=False``) instead of
-  scikit-image's order-3 spline for images: 10-50x faster, no ringing/overshoot, and the same
-  coordinate mapping (pixel centres scaled by the shape ratio, edge clamping). Segmentations are
-  resampled like nnU-Net's ``resize_segmentation`` (order 1 on each label's one-hot mask) but the
-  winner is the argmax over labels instead of "last label whose mask is >= 0.5", which leaves no
-  voxel unassigned. The anisotropic rule is nnU-Net's: if the current or the target spacing has
-  max/min > 3 and exactly one axis is the coarse one, that axis is resampled with nearest
-  neighbour (order 0) and the other two in-plane (linear).
+* None in resampling any more: ``fedseg.training.resample`` follows the plan's
+  ``resampling_fn_*_kwargs`` as nnU-Net does (images order 3, segmentations order 1).
 * Hand-written rather than MONAI transforms because MONAI's ``Spacing`` derives the output grid
   from the affine (a different shape rule than nnU-Net's ``round(old_spacing / new_spacing *
   shape)``), ``CropForeground`` does not fill holes in the mask, and ``NormalizeIntensity``'s
@@ -33,6 +27,7 @@ Cache layout (read by the training loop through :class:`PreprocessedDataset`)::
     CACHE_ROOT/<plan.hash()>/<config>/<case_id>_seg.npy   int8/int16 (1, *spatial); -1 = outside
                                                           the non-zero mask (nnU-Net's convention)
     CACHE_ROOT/<plan.hash()>/<config>/<case_id>.json      CaseProperties (incl. class_locations)
+    CACHE_ROOT/<plan.hash()>/<config>.format              FORMAT_VERSION of every case there
 
 Every file is written to a temporary name and renamed; the ``.json`` is renamed LAST and is the
 commit marker: a case counts as cached only when its ``.json`` and both arrays exist, so a crash
@@ -49,17 +44,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ValidationError
 from scipy.ndimage import binary_fill_holes
 
 from fedseg.data.dataset import Case, list_cases, load_case, read_dataset_json
 from fedseg.errors import FedsegError
 from fedseg.planning.plan import Plan
+from fedseg.training.resample import (  # noqa: F401  (predict and tests import them from here)
+    compute_new_shape,
+    resample_data,
+    resample_seg,
+    resample_tensor,
+    separate_z_axis,
+)
 
-FORMAT_VERSION = 1
-ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
+FORMAT_VERSION = 2  # 2: images resampled with the plan's spline order (was linear)
 NUM_LOCATION_SAMPLES = 10000  # nnU-Net: at most this many voxels per class ...
 MIN_LOCATION_COVERAGE = 0.01  # ... but at least 1% of the class's voxels
 LOCATION_SEED = 1234  # nnU-Net's fixed seed for the foreground-location sampling
@@ -193,93 +192,6 @@ def normalize(data: np.ndarray, seg: np.ndarray, plan: Plan, config: str) -> np.
 
 
 # --------------------------------------------------------------------------------------------
-# resampling
-
-
-def compute_new_shape(
-    old_shape: list[int] | tuple[int, ...], old_spacing: list[float], new_spacing: list[float]
-) -> list[int]:
-    """nnU-Net's rule: ``round(old_spacing / new_spacing * old_shape)`` per axis."""
-    triples = zip(old_spacing, new_spacing, old_shape, strict=True)
-    return [int(round(o / n * s)) for o, n, s in triples]
-
-
-def separate_z_axis(current_spacing: list[float], new_spacing: list[float]) -> int | None:
-    """The axis nnU-Net resamples separately (order 0), or None (nnU-Net's default rules)."""
-    for sp in (current_spacing, new_spacing):
-        arr = np.asarray(sp, dtype=float)
-        if arr.max() / arr.min() > ANISO_THRESHOLD:
-            axes = np.flatnonzero(arr.max() / arr == 1)
-            return int(axes[0]) if len(axes) == 1 else None
-    return None
-
-
-def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
-    # map_coordinates(order=0) at nnU-Net's coordinates scale * (x + 0.5) - 0.5
-    idx = torch.floor((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out))
-    return idx.clamp_(0, n_in - 1).long()
-
-
-def resample_tensor(x: torch.Tensor, new_shape: list[int], sep_axis: int | None) -> torch.Tensor:
-    """Linear resampling of ``x`` (C, *spatial) float to ``new_shape``.
-
-    With ``sep_axis`` set: linear in the other axes, nearest neighbour along ``sep_axis``.
-    """
-    shape = list(x.shape[1:])
-    if shape == list(new_shape):
-        return x
-    nd = len(shape)
-    if sep_axis is None or nd < 3:
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
-        return F.interpolate(x[None], size=list(new_shape), mode=mode, align_corners=False)[0]
-    # in-plane: the separate axis becomes the batch axis
-    inplane = [new_shape[a] for a in range(nd) if a != sep_axis]
-    y = x.movedim(sep_axis + 1, 0)  # (A, C, P, Q)
-    if [s for a, s in enumerate(shape) if a != sep_axis] != inplane:
-        y = F.interpolate(y, size=inplane, mode="bilinear", align_corners=False)
-    if shape[sep_axis] != new_shape[sep_axis]:
-        y = y.index_select(0, _nearest_index(shape[sep_axis], new_shape[sep_axis]).to(y.device))
-    return y.movedim(0, sep_axis + 1).contiguous()
-
-
-def resample_data(
-    data: np.ndarray, new_shape: list[int], current_spacing: list[float], new_spacing: list[float]
-) -> np.ndarray:
-    """Resample an image (C, *spatial), one channel at a time to bound memory."""
-    if list(data.shape[1:]) == list(new_shape):
-        return data
-    sep = separate_z_axis(current_spacing, new_spacing)
-    out = np.empty((data.shape[0], *new_shape), dtype=np.float32)
-    for c in range(data.shape[0]):
-        t = torch.from_numpy(np.ascontiguousarray(data[c : c + 1], dtype=np.float32))
-        out[c] = resample_tensor(t, new_shape, sep)[0].numpy()
-    return out
-
-
-def resample_seg(
-    seg: np.ndarray, new_shape: list[int], current_spacing: list[float], new_spacing: list[float]
-) -> np.ndarray:
-    """Resample a label map (1, *spatial): linear on each label's mask, argmax over labels.
-
-    Labels are processed one at a time with a running maximum, so memory stays at a few
-    volumes whatever the number of labels.
-    """
-    if list(seg.shape[1:]) == list(new_shape):
-        return seg
-    sep = separate_z_axis(current_spacing, new_spacing)
-    labels = np.unique(seg)
-    best = torch.full(tuple(new_shape), -1.0)
-    out = torch.full(tuple(new_shape), int(labels[0]), dtype=torch.int16)
-    for lab in labels:
-        m = torch.from_numpy((seg[0] == lab).astype(np.float32))[None]
-        r = resample_tensor(m, new_shape, sep)[0]
-        win = r > best
-        out[win] = int(lab)
-        best = torch.where(win, r, best)
-    return out.numpy()[None].astype(seg.dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # foreground locations
 
 
@@ -361,8 +273,8 @@ def preprocess_case(case: Case, plan: Plan, config: str | None = None) -> Prepro
     target = config_target_spacing(plan, config, spacing_t)
     new_shape = compute_new_shape(shape_cropped, spacing_t, target)
     data = normalize(data, seg, plan, config)
-    data = resample_data(data, new_shape, spacing_t, target)
-    seg = resample_seg(seg, new_shape, spacing_t, target)
+    data = resample_data(data, new_shape, spacing_t, target, cfg.resampling_fn_data_kwargs)
+    seg = resample_seg(seg, new_shape, spacing_t, target, cfg.resampling_fn_seg_kwargs)
 
     locations: dict[str, list[list[int]]] = {}
     if case.label is not None:
@@ -444,7 +356,7 @@ def preprocess_dataset(
     round costs only the directory listing. ``progress(done, total)`` is called after each case.
     """
     config = config or plan.default_configuration
-    plan.config(config)  # clear error for a missing configuration
+    plan.trainable_config(config)  # clear error for a missing or untrainable configuration
     ds = read_dataset_json(data_dir)
     if ds.num_channels != len(plan.channel_names):
         raise FedsegError(
@@ -461,6 +373,13 @@ def preprocess_dataset(
     plan_file = folder.parent / "plan.json"
     if not plan_file.is_file():
         _atomic_write_text(plan_file, json.dumps(plan.model_dump(mode="json"), indent=2) + "\n")
+    # cases written by an older fedseg (same plan hash, other preprocessing) are redone: their
+    # commit markers go first, the format marker is written once every case is current
+    format_marker = folder.parent / f"{folder.name}.format"
+    current = format_marker.is_file() and format_marker.read_text().strip() == str(FORMAT_VERSION)
+    if not current:
+        for stale in folder.glob("*.json"):
+            stale.unlink()
     for i, files in enumerate(cases):
         if not is_cached(folder, files.case_id):
             if files.label is None or not files.label.is_file():
@@ -473,6 +392,8 @@ def preprocess_dataset(
             save_preprocessed(folder, pc)
         if progress is not None:
             progress(i + 1, len(cases))
+    if not current:
+        _atomic_write_text(format_marker, f"{FORMAT_VERSION}\n")
     return folder
 
 
