@@ -15,20 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
-from fedseg import __version__
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
-from fedseg.models.bundle_files import check_bundle_folder
+from fedseg.models.bundle_files import BundleInfo, check_bundle_folder
 from fedseg.planning.plan import Plan
 
-
-class BundleInfo(BaseModel):
-    config: str | None = None  # None: the plan's default configuration
-    fedseg_version: str = __version__
-    trained_iterations: int = 0
-    note: str = ""
+__all__ = ["BundleInfo", "bundle_from_checkpoint", "load_bundle", "save_bundle"]
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
