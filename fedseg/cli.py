@@ -1,8 +1,8 @@
 """``fedseg``: the command line of one site's pipeline (and, later, the federation simulator).
 
 Sub-commands map one-to-one onto the data flow: ``demo-data`` → ``check-data`` → ``plan`` →
-``train`` → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation on loopback;
-``report`` redraws a run folder's report.
+``train`` → (``ensemble``) → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation
+on loopback; ``report`` redraws a run folder's report.
 Heavy imports (torch, MONAI) happen inside each command so that ``fedseg --help`` and
 ``check-data`` start quickly. Every :class:`FedsegError` ends as one line on stderr and exit
 code 2 — a user never sees a traceback for a mistake they can fix.
@@ -82,23 +82,73 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _case_line(done: int, total: int, case_id: str | None, seconds: float) -> None:
+    """One stderr line per case (log-friendly: no bar redrawn in a log file)."""
+    what = f"cases, {case_id}" if case_id else "cases"
+    print(f"predict: {done}/{total} {what} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import time
+
     from fedseg.errors import FedsegError
-    from fedseg.models.bundle_files import check_bundle_folder
+    from fedseg.models.bundle_files import bundle_kind, check_bundle_folder
+    from fedseg.models.ensemble import resolve_models
 
     # the user's paths first: importing torch can take many seconds on a busy machine
-    check_bundle_folder(args.model)
+    models = [Path(m) for m in args.model]
+    single = len(models) == 1 and bundle_kind(models[0]) == "single"
+    if single:
+        check_bundle_folder(models[0])
+    else:
+        members = resolve_models(models)  # every member there and compatible, one line if not
     inputs = [Path(p) for p in args.input]
     for p in inputs:
         if not p.exists():
             raise FedsegError(f"{p}: no such file or folder; give image files or a folder of "
                               "CASE_0000 files (e.g. CASE_0000.nii.gz, CASE_0000.png)")
-    from fedseg.training.predict import predict_files
+    source = inputs if len(inputs) > 1 else inputs[0]
+    if single:
+        from fedseg.training.predict import predict_files
 
-    written = predict_files(Path(args.model), inputs if len(inputs) > 1 else inputs[0],
-                            Path(args.output), device=args.device,
-                            mirror_tta=not args.no_tta)
+        last = [time.perf_counter()]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            _case_line(done, total, None, now - last[0])
+            last[0] = now
+
+        written = predict_files(models[0], source, Path(args.output), device=args.device,
+                                mirror_tta=not args.no_tta, progress=progress)
+    else:
+        from fedseg.training.ensemble_predict import predict_ensemble_files
+
+        print(f"predict: ensemble of {len(members)} models "
+              f"({', '.join(f'{m.name} [{m.config}]' for m in members)})",
+              file=sys.stderr, flush=True)
+        written = predict_ensemble_files(models, source, Path(args.output),
+                                         device=args.device, mirror_tta=not args.no_tta,
+                                         progress=_case_line)
     print(f"{len(written)} segmentation(s) written to {args.output}")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from fedseg.models.ensemble import build_ensemble, read_ensemble
+
+    bundles: list[str] | dict[str, str] = list(args.bundles)
+    if args.names:
+        names = [n.strip() for n in args.names.split(",")]
+        if len(names) != len(args.bundles):
+            from fedseg.errors import FedsegError
+
+            raise FedsegError(f"--names: {len(names)} name(s) for {len(args.bundles)} bundle(s); "
+                              "give one name per bundle")
+        bundles = dict(zip(names, args.bundles, strict=True))
+    out = build_ensemble(bundles, Path(args.out), note=args.note)
+    info, _ = read_ensemble(out)
+    print(f"ensemble bundle of {len(info.members)} models written to {out}: "
+          + ", ".join(f"{m.name} ({m.config})" for m in info.members))
     return 0
 
 
@@ -227,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="segment images with a model bundle (output in the "
                                        "input's format: NIfTI, .mha/.nrrd, PNG, TIFF)")
-    s.add_argument("--model", required=True, help="model bundle folder")
+    s.add_argument("-m", "--model", required=True, action="extend", nargs="+",
+                   metavar="MODEL_DIR",
+                   help="model bundle folder; an ensemble bundle ('fedseg ensemble'), or "
+                   "several bundles (-m A B or -m A -m B), averages the models' probabilities")
     s.add_argument("-i", "--input", nargs="+", required=True,
                    help="a folder of CASE_XXXX<ending> files (.nii.gz, .mha, .png, ...), or "
                    "the file(s) of one case")
@@ -235,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--no-tta", action="store_true", help="disable mirroring test-time aug.")
     s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("ensemble", help="bundle several models (folds, 2d + 3d_fullres) into "
+                                        "one ensemble bundle that 'fedseg predict' averages")
+    s.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                   help="model bundle folders (an ensemble bundle adds all its members)")
+    s.add_argument("--out", required=True, help="the ensemble bundle folder to write (new or "
+                   "empty)")
+    s.add_argument("--names", default="",
+                   help="comma-separated member names, one per BUNDLE (default member_0, ...)")
+    s.add_argument("--note", default="", help="free text kept in the ensemble's bundle.json")
+    s.set_defaults(func=_cmd_ensemble)
 
     s = sub.add_parser("evaluate", help="Dice and HD95 of predictions against labels")
     s.add_argument("--pred", required=True)
