@@ -1,7 +1,7 @@
 """``python -m fedseg.models.init PLAN OUT.npz [--seed S]``: the untrained network's weights.
 
 The server runs this in a subprocess once per job, so its own long-running process never
-imports torch or MONAI (see ``FederatedJob.init_weights``). Same seed -> same weights.
+imports torch or MONAI (see ``fedseg.server.phases.initial_model``). Same seed -> same weights.
 """
 
 from __future__ import annotations
