@@ -6,38 +6,18 @@ refused with one line naming the member."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from inprocess_cli import fedseg
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 SHAPE = (26, 22, 10)  # nibabel order; coarse along k
 ZOOMS = (0.9, 0.9, 2.0)
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def fedseg(*args: str) -> Result:
-    """``fedseg ARGS`` in this process (the console script's parser and error handling)."""
-    from fedseg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert "Traceback" not in err.getvalue(), err.getvalue()
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def _write_case(root: Path, split: str, name: str, rng: np.random.Generator) -> None:

@@ -101,20 +101,15 @@ def test_decided_on_validation_files_and_applied_to_test_predictions(tmp_path: P
     """Real files: a tiny 2D region model is trained, its postprocessing decided on the site's
     validation fifth (the sums equal the candidates' Dice recomputed from the written
     predictions) and applied to test predictions through the scorer."""
+    from inprocess_cli import fedseg
     from scipy import ndimage
-    from test_regions_2d import _fundus_like, fedseg
+    from test_regions_2d import fundus_site
 
     from fedseg.data.io import read_image
     from fedseg.training.postprocess_eval import decide_on_validation
     from fedseg.training.test_split import score_sites
 
-    site = tmp_path / "site"
-    _fundus_like(site, 10)
-    _fundus_like(site, 2, "Ts", seed=1)
-    (site / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png",
-        "labels": {"background": 0, "optic_disc": [1, 2], "optic_cup": 2},
-        "regions_class_order": [1, 2], "numTraining": 10}))
+    site = fundus_site(tmp_path / "site", n_train=10)
     fedseg("plan", str(site), "--out", str(tmp_path / "plan.json"), "--preset", "tiny")
     model = tmp_path / "model"
     res = fedseg("train", "--data", str(site), "--plan", str(tmp_path / "plan.json"),

@@ -4,16 +4,14 @@ ignore label changes neither the loss nor the Dice."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from inprocess_cli import fedseg
 from PIL import Image
 
 from fedseg.data.labels import LabelLayout
@@ -21,25 +19,6 @@ from fedseg.training.evaluate import case_metrics, evaluate_folders, label_group
 from fedseg.training.losses import RegionDiceBCELoss, make_loss, mark_ignored
 
 REGIONS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def fedseg(*args: str) -> Result:
-    """``fedseg ARGS`` in this process (``fedseg.cli.main``: the same parser and error
-    handling as the console script, without paying a fresh torch import per command)."""
-    from fedseg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert "Traceback" not in err.getvalue(), err.getvalue()
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def _fundus_like(root: Path, n: int, split: str = "Tr", seed: int = 0) -> None:
@@ -62,16 +41,20 @@ def _fundus_like(root: Path, n: int, split: str = "Tr", seed: int = 0) -> None:
         Image.fromarray(lab).save(root / f"labels{split}" / f"{name}.png")
 
 
-@pytest.fixture(scope="module")
-def fundus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fundus") / "site"
-    _fundus_like(root, 8)
+def fundus_site(root: Path, n_train: int = 8) -> Path:
+    """A fundus-like site: ``n_train`` training and 2 test cases, disc and cup as regions."""
+    _fundus_like(root, n_train)
     _fundus_like(root, 2, "Ts", seed=1)
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png",
         "labels": {"background": 0, "optic_disc": [1, 2], "optic_cup": 2},
-        "regions_class_order": [1, 2], "numTraining": 8}))
+        "regions_class_order": [1, 2], "numTraining": n_train}))
     return root
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fundus_site(tmp_path_factory.mktemp("fundus") / "site")
 
 
 def test_2d_png_check_plan_train_predict_evaluate(fundus: Path, tmp_path: Path) -> None:
