@@ -81,22 +81,31 @@ def candidates(groups: Mapping[str, list[int]]) -> dict[str, Postprocessing]:
     return out
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, vals: list[int], keep: np.ndarray | None) -> float:
-    mp, mr = np.isin(pred, vals), np.isin(ref, vals)
-    if keep is not None:
-        mp &= keep
-        mr &= keep
-    denom = int(mp.sum()) + int(mr.sum())
-    return math.nan if denom == 0 else 2.0 * int((mp & mr).sum()) / denom
-
-
 def variant_dice(pred: np.ndarray, ref: np.ndarray, groups: Mapping[str, list[int]],
                  ignore_label: int | None = None) -> dict[str, dict[str, float]]:
     """Dice per class of every candidate applied to one case's predicted label map (NaN where
-    reference and prediction are both empty, as in ``fedseg evaluate``)."""
+    reference and prediction are both empty, as in ``fedseg evaluate``). Candidates share their
+    leading steps (``fg+k`` starts from ``fg``), so each step's result is computed once."""
     keep = None if ignore_label is None else ref != ignore_label
-    return {name: {k: _dice(pp.apply(pred), ref, vals, keep) for k, vals in groups.items()}
-            for name, pp in candidates(groups).items()}
+    refs = {k: np.isin(ref, vals) if keep is None else np.isin(ref, vals) & keep
+            for k, vals in groups.items()}
+    done: dict[tuple[tuple[int, ...], ...], np.ndarray] = {(): pred}
+
+    def run(steps: tuple[tuple[int, ...], ...]) -> np.ndarray:
+        if steps not in done:
+            done[steps] = keep_largest_component(run(steps[:-1]), steps[-1])
+        return done[steps]
+
+    out: dict[str, dict[str, float]] = {}
+    for name, pp in candidates(groups).items():
+        seg = run(tuple(tuple(v) for v in pp.keep_largest))
+        per_class = {}
+        for k, vals in groups.items():
+            mp = np.isin(seg, vals) if keep is None else np.isin(seg, vals) & keep
+            denom = int(mp.sum()) + int(refs[k].sum())
+            per_class[k] = math.nan if denom == 0 else 2.0 * int((mp & refs[k]).sum()) / denom
+        out[name] = per_class
+    return out
 
 
 class DiceSums(BaseModel):

@@ -23,9 +23,9 @@ def site_sums(model_dir: Path, site: Path, work: Path, device: str = "auto") -> 
     """Every candidate's Dice sums on ``site``'s validation cases, predicted with the bundle."""
     from fedseg.data.dataset import list_cases, read_dataset_json
     from fedseg.data.io import read_image
+    from fedseg.data.labels import label_groups
     from fedseg.data.splits import split_cases
     from fedseg.planning.plan import Plan
-    from fedseg.training.evaluate import label_groups
     from fedseg.training.predict import predict_files
 
     plan = Plan.model_validate_json((model_dir / "plan.json").read_text())
@@ -34,7 +34,8 @@ def site_sums(model_dir: Path, site: Path, work: Path, device: str = "auto") -> 
     ds = read_dataset_json(site)
     cases = list_cases(site, ds)
     _, val = split_cases([c.case_id for c in cases])
-    chosen = [c for c in cases if c.case_id in set(val)]
+    val_ids = set(val)
+    chosen = [c for c in cases if c.case_id in val_ids]
     sums = DiceSums.empty(groups)
     if not chosen:
         return sums
@@ -54,18 +55,18 @@ def site_sums(model_dir: Path, site: Path, work: Path, device: str = "auto") -> 
 def decide_on_validation(model_dir: Path, sites: list[Path], work: Path,
                          device: str = "auto") -> dict[str, Any]:
     """The postprocessing nnU-Net's rules choose on all sites' validation cases together."""
+    from fedseg.data.labels import label_groups
     from fedseg.planning.plan import Plan
-    from fedseg.training.evaluate import label_groups
 
     plan = Plan.model_validate_json((model_dir / "plan.json").read_text())
     groups = label_groups(plan.labels)
     total = DiceSums.empty(groups).to_vector()
     for site in sites:
         total = total + site_sums(model_dir, site, work, device).to_vector()
-    pp, report = decide(DiceSums.from_vector(groups, total), groups)
+    pooled = DiceSums.from_vector(groups, total)
+    pp, report = decide(pooled, groups)
     return {"postprocessing": pp.model_dump(), "decision": report,
-            "validation_cases": int(max(DiceSums.from_vector(groups, total).counts["none"],
-                                        default=0))}
+            "validation_cases": int(max(pooled.counts["none"], default=0))}
 
 
 def apply_to_files(paths: list[Path], pp: Postprocessing) -> None:
