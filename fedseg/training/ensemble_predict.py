@@ -39,11 +39,12 @@ from fedseg.errors import FedsegError
 from fedseg.models.ensemble import Member, resolve_models
 from fedseg.planning.plan import Plan
 from fedseg.training.predict import (
-    _load_bundle_checked,
     group_inputs,
+    load_bundle_checked,
     load_network,
     predict_logits,
     resolve_device,
+    to_original_grid,
     write_like,
 )
 from fedseg.training.preprocess import (
@@ -69,13 +70,10 @@ def logits_to_probabilities(logits: torch.Tensor, props: CaseProperties, plan: P
     regions = plan.layout.has_regions
     probs = (torch.sigmoid(resampled) if regions else torch.softmax(resampled, 0)).cpu().numpy()
     del resampled
-    full = np.zeros((probs.shape[0], *props.shape_before_cropping), dtype=np.float32)
+    outside = np.zeros((probs.shape[0],) + (1,) * (probs.ndim - 1), dtype=np.float32)
     if not regions:
-        full[0] = 1.0  # outside the crop: certainly background
-    full[(slice(None), *(slice(lo, hi) for lo, hi in props.bbox_used_for_cropping))] = probs
-    full = full.transpose([0, *(i + 1 for i in plan.transpose_backward)])
-    assert list(full.shape[1:]) == props.original_shape, (full.shape, props.original_shape)
-    return np.ascontiguousarray(full)
+        outside[0] = 1.0  # outside the crop: certainly background
+    return to_original_grid(probs.astype(np.float32, copy=False), props, plan, outside)
 
 
 def probabilities_to_segmentation(probs: np.ndarray, layout: LabelLayout) -> np.ndarray:
@@ -102,7 +100,7 @@ class EnsemblePredictor:
         self.sw_batch_size = sw_batch_size
         self.nets = []
         for m in self.members:
-            _, _, state, _ = _load_bundle_checked(m.folder)  # corrupt weights: one line
+            _, _, state, _ = load_bundle_checked(m.folder)  # corrupt weights: one line
             self.nets.append(load_network(m.plan, m.config, state, m.folder).to(self.device))
             del state
 

@@ -306,10 +306,21 @@ def logits_to_segmentation(
         values = layout.softmax_values if label_values is None else label_values
         lut = np.asarray(values, dtype=np.int64)
         seg_crop = lut[arg.cpu().numpy()]
-    full = np.zeros(props.shape_before_cropping, dtype=seg_crop.dtype)
-    full[tuple(slice(lo, hi) for lo, hi in props.bbox_used_for_cropping)] = seg_crop
-    full = full.transpose(plan.transpose_backward)
-    assert list(full.shape) == props.original_shape, (full.shape, props.original_shape)
+    return to_original_grid(seg_crop, props, plan)
+
+
+def to_original_grid(cropped: np.ndarray, props: CaseProperties, plan: Plan,
+                     fill: float | np.ndarray = 0) -> np.ndarray:
+    """An array on the cropped grid (optionally with leading channel axes) pasted into the
+    uncropped volume and transposed back to nnU-Net array order: the last step of a label map
+    (:func:`logits_to_segmentation`) and of probabilities (ensembles) alike. ``fill``: what lies
+    outside the crop (a scalar, or per channel broadcastable like ``(K, 1, 1, 1)``)."""
+    lead = cropped.ndim - len(props.shape_before_cropping)
+    full = np.empty((*cropped.shape[:lead], *props.shape_before_cropping), dtype=cropped.dtype)
+    full[...] = fill
+    full[(Ellipsis, *(slice(lo, hi) for lo, hi in props.bbox_used_for_cropping))] = cropped
+    full = full.transpose([*range(lead), *(i + lead for i in plan.transpose_backward)])
+    assert list(full.shape[lead:]) == props.original_shape, (full.shape, props.original_shape)
     return np.ascontiguousarray(full)
 
 
@@ -323,7 +334,7 @@ def write_like(seg_nnunet_order: np.ndarray, reference: Path, out_path: Path) ->
 # the entry point
 
 
-def _load_bundle_checked(model_dir: Path):
+def load_bundle_checked(model_dir: Path):
     """:func:`load_bundle`, with corrupt files turned into one clear line."""
     try:
         return load_bundle(model_dir)
@@ -359,7 +370,7 @@ def predict_files(
     called after each case.
     """
     model_dir = Path(model_dir)
-    plan, ds, state, info = _load_bundle_checked(model_dir)  # a missing folder: one line too
+    plan, ds, state, info = load_bundle_checked(model_dir)  # a missing folder: one line too
     config = info.config or plan.default_configuration
     cfg = plan.config(config)
     if len(ds.channel_names) != len(plan.channel_names):
