@@ -171,6 +171,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         extra["proximal_mu"] = args.mu
     if args.configuration != "auto":
         extra["configuration"] = args.configuration
+    if args.folds > 1:
+        extra["folds"] = args.folds
     if args.tensorboard:
         from fedseg.server.tracking import require
 
@@ -263,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="preprocessed-data cache (default: inside the data folder)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=0, help="override the plan's batch size")
-    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres"], default="auto",
-                   help="plan configuration to train (auto: the plan's; 2d also on 3D data)")
+    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres", "3d_lowres"],
+                   default="auto", help="plan configuration to train (auto: the plan's; 2d "
+                   "also on 3D data; 3d_lowres where the plan has one)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--init-from", metavar="MODEL_DIR",
                    help="start from this bundle's weights (e.g. fine-tune a federated model on "
@@ -336,9 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-site-metrics", choices=["on", "off"], default="on",
                    help="off: the sites' evaluation metrics go into the secure sum too "
                         "(only pooled Dice/HD95 are logged)")
-    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres"], default="auto",
+    s.add_argument("--configuration", choices=["auto", "2d", "3d_fullres", "3d_lowres"],
+                   default="auto",
                    help="plan configuration to train (auto: nnU-Net's choice, 3d_fullres for "
-                   "3D data, 2d for 2D images); 2d also works on 3D data (slice by slice)")
+                   "3D data, 2d for 2D images); 2d also works on 3D data (slice by slice); "
+                   "3d_lowres where nnU-Net plans one (images too large for one patch)")
+    s.add_argument("--folds", type=_positive_int, default=1,
+                   help="cross-validation: train K fold models, one after the other (--rounds "
+                   "each), and bundle their ensemble (default 1: one model)")
     s.add_argument("--job-config", metavar="TOML",
                    help="more job settings, as the [job] table of server.toml (e.g. "
                    "site_momentum, [job.aggregation]); they override the flags above")

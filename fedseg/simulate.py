@@ -487,12 +487,20 @@ def score_test_splits(run: RunDir, sites: list[Path], device: str) -> dict:
     print(f"scoring the final model on the test cases of {len(sites)} site(s) ...", flush=True)
     scores = score_sites(run.model_dir, sites, run.root / "test", device)
     names = {",".join(str(x) for x in (v if isinstance(v, list) else [v])): k
-             for k, v in json.loads((run.model_dir / "dataset.json").read_text())["labels"].items()}
+             for k, v in json.loads(_dataset_json(run.model_dir).read_text())["labels"].items()}
     print("\nfinal model on each site's test cases (imagesTs; Dice 1 = perfect overlap, HD95 = "
           "95th-percentile boundary distance):", flush=True)
     print(format_table(scores, names), flush=True)
     (run.root / "test_scores.json").write_text(json.dumps(json_safe(scores), indent=1) + "\n")
     return scores
+
+
+def _dataset_json(model_dir: Path) -> Path:
+    """The bundle's dataset.json (an ensemble's: its first member's; they all declare the same
+    labels)."""
+    if (model_dir / "dataset.json").is_file():
+        return model_dir / "dataset.json"
+    return sorted((model_dir / "members").glob("*/dataset.json"))[0]
 
 
 def interrupt_on_sigterm() -> None:

@@ -132,14 +132,15 @@ def _load_plan(cfg: SiteConfig, plan_hash: str):
     return Plan.load(path)
 
 
-def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int) -> pm.EvalReply:
+def _evaluate(cfg: SiteConfig, plan, weights: dict[str, np.ndarray], rnd: int,
+              fold: int = 0, folds: int = 1) -> pm.EvalReply:
     import torch
 
     from fedseg.training.predict import load_network, resolve_device
     from fedseg.training.preprocess import PreprocessedDataset, cache_folder
     from fedseg.training.validation import evaluate_cases
 
-    _, val = train_val_ids(cfg.data_dir)
+    _, val = train_val_ids(cfg.data_dir, fold, folds)
     device = resolve_device(cfg.device)
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
     net = load_network(plan, plan.default_configuration, state, cfg.preprocessed_root).to(device)
@@ -202,9 +203,12 @@ def train(msg: Message, cfg: SiteConfig) -> Message:
     req, weights = receive(msg, pm.TrainRequest, cfg.bulk)
     _require_masked(cfg, req.secagg is not None, "model update and case count")
     plan = _load_plan(cfg, req.plan_hash)
-    evaluation = _evaluate(cfg, plan, weights, req.round - 1) if req.evaluate_first else None
-    train_ids, _ = train_val_ids(cfg.data_dir)
+    evaluation = (_evaluate(cfg, plan, weights, req.round - 1, req.fold, req.folds)
+                  if req.evaluate_first else None)
+    train_ids, _ = train_val_ids(cfg.data_dir, req.fold, req.folds)
     state_dir = cfg.cache_dir / "state" / req.job_id / req.plan_hash
+    if req.folds > 1:  # each fold's model has its own trainer state
+        state_dir = state_dir / f"fold_{req.fold}"
     tcfg = TrainConfig(device=cfg.device, seed=req.seed, total_iterations=req.global_total_iterations,
                        initial_lr=req.initial_lr, momentum=req.momentum,
                        save_weights=False)  # the server sends them every round
@@ -257,7 +261,7 @@ def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndar
 def evaluate(msg: Message, cfg: SiteConfig) -> Message:
     req, weights = receive(msg, pm.EvalRequest, cfg.bulk)
     plan = _load_plan(cfg, req.plan_hash)
-    result = _evaluate(cfg, plan, weights, req.round)
+    result = _evaluate(cfg, plan, weights, req.round, req.fold, req.folds)
     if req.secagg is not None:  # per-site metrics off: into the secure sum
         return secure.eval_reply(msg, cfg, req, result)
     return Message(pack(result), reply_to=msg)

@@ -198,6 +198,10 @@ class TrainRequest(Msg):
     plan_hash: str
     proximal_mu: float = 0.0
     seed: int = 0
+    fold: int = Field(default=0, ge=0, description="cross-validation: the fold whose split "
+                      "the site trains and validates on (folds > 1)")
+    folds: int = Field(default=1, ge=1, description="cross-validation folds (1: the fixed "
+                       "1-in-5 hold-out of a one-model job)")
     initial_lr: float = Field(default=0.01, gt=0, description="the sites' poly schedule starts here")
     momentum: float = Field(default=0.99, ge=0, lt=1, description="the sites' SGD (Nesterov) momentum")
     reset_momentum: bool = Field(
@@ -240,6 +244,10 @@ class TrainRequest(Msg):
 class EvalRequest(Msg):
     round: int
     plan_hash: str
+    fold: int = Field(default=0, ge=0, description="cross-validation: the fold whose split "
+                      "the site trains and validates on (folds > 1)")
+    folds: int = Field(default=1, ge=1, description="cross-validation folds (1: the fixed "
+                       "1-in-5 hold-out of a one-model job)")
     secagg: SecAggPart | None = None
     per_site_metrics: bool = True
     eval_classes: list[str] = Field(default_factory=list)

@@ -32,6 +32,11 @@ class JobConfig(BaseModel):
     local_iterations: int = Field(
         default=250, ge=1, description="k local iterations per round (250 = one nnU-Net epoch: "
         "on a GPU ~15 s against 1-5 s of round overhead)")
+    folds: int = Field(
+        default=1, ge=1, le=10, description="cross-validation: 1 trains one model (each site "
+        "holds 1 in 5 cases out for validation); K >= 2 trains K fold models one after the "
+        "other, `rounds` rounds each, every site splitting its cases into the same K folds, and "
+        "the model bundle is their ensemble (fedseg/server/phases/crossval.py)")
     eval_every: int = Field(default=10, ge=1, description="evaluate the global model every E "
                             "rounds (and after the last)")
     snapshot_every: int = Field(
@@ -66,9 +71,10 @@ class JobConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
     plan_preset: Literal["nnunet", "tiny"] = "nnunet"
-    configuration: Literal["2d", "3d_fullres"] | None = Field(
-        default=None, description="the plan configuration the sites train: 2d or 3d_fullres; "
-        "unset: nnU-Net's choice (3d_fullres for 3D data, 2d for 2D data)")
+    configuration: Literal["2d", "3d_fullres", "3d_lowres"] | None = Field(
+        default=None, description="the plan configuration the sites train: 2d, 3d_fullres or "
+        "3d_lowres (where nnU-Net plans one); unset: nnU-Net's choice (3d_fullres for 3D data, "
+        "2d for 2D data)")
     plan_file: str | None = Field(
         default=None,
         description="use this plan (JSON from 'fedseg plan' or a run's plan.json) instead of "
@@ -132,10 +138,19 @@ class JobConfig(BaseModel):
             raise ValueError(tracking.MISSING)
         return on
 
+    @property
+    def total_rounds(self) -> int:
+        """Rounds of the whole job: ``rounds`` per fold model."""
+        return self.rounds * self.folds
+
+    def fold_of(self, rnd: int) -> tuple[int, int]:
+        """(fold, round within that fold's ``rounds``) of the job's round ``rnd`` (1-based)."""
+        return (rnd - 1) // self.rounds, (rnd - 1) % self.rounds + 1
+
     @model_validator(mode="after")
     def _dp_reachable(self) -> JobConfig:
         if self.dp.enabled:  # a target_epsilon no noise level reaches over `rounds` fails here
-            self.dp.resolve(self.rounds)
+            self.dp.resolve(self.total_rounds)
         return self
 
 
@@ -143,11 +158,14 @@ def train_request_fields(
     cfg: JobConfig, plan_hash: str, rnd: int, evaluate_first: bool
 ) -> dict[str, Any]:
     """What every site's TRAIN message of round ``rnd`` says, plain or secure: the local
-    iterations, where they sit in the global poly schedule, and the site-side recipe."""
+    iterations, where they sit in the global poly schedule (of the round's fold model, with
+    cross-validation), and the site-side recipe."""
+    fold, local = cfg.fold_of(rnd)
     return {
         "round": rnd, "job_id": cfg.job_id or Path(cfg.run_dir).name,
+        "fold": fold, "folds": cfg.folds,
         "local_iterations": cfg.local_iterations,
-        "global_iteration_start": (rnd - 1) * cfg.local_iterations,
+        "global_iteration_start": (local - 1) * cfg.local_iterations,
         "global_total_iterations": cfg.rounds * cfg.local_iterations,
         "plan_hash": plan_hash,
         "proximal_mu": cfg.proximal_mu if cfg.aggregation.kind == "fedprox" else 0.0,

@@ -2,6 +2,8 @@
 
 enrolment → federated fingerprint → plan → sites preprocess → R rounds (train k iterations,
 aggregate deltas, evaluate the global model every E rounds) → final evaluation and model bundle.
+With cross-validation (``folds`` K >= 2) the rounds, final evaluation and bundle repeat for
+each fold's model and the job's bundle is their ensemble (``phases/crossval.py``).
 Each phase is a module of ``server/phases/`` acting on the job's
 :class:`~fedseg.server.job_context.JobContext`; with secure aggregation the fingerprint sum,
 the rounds and the final evaluation are ``server/secure_rounds.py``'s instead. This module
@@ -47,7 +49,7 @@ from fedseg.server.bulk_server import BulkServer
 from fedseg.server.config import JobConfig
 from fedseg.server.job_context import JobContext, Log
 from fedseg.server.messaging import Messenger
-from fedseg.server.phases import enrolment, evaluation, finish, planning, training
+from fedseg.server.phases import crossval, enrolment, evaluation, finish, planning, training
 from fedseg.server.phases.initial_model import initial_weights
 from fedseg.server.phases.preprocess import prepare
 from fedseg.server.plausibility import robust_config
@@ -98,10 +100,10 @@ class FederatedJob:
                     f"{ctx.run.checkpoint_path('last')} was made with plan {ck_hash}, but "
                     f"{ctx.run.plan_path} has plan {ctx.plan.hash()}; cannot resume"
                 )
-        ctx.run.set_status(phase="enrolment", round=ctx.state.round, rounds=cfg.rounds,
+        ctx.run.set_status(phase="enrolment", round=ctx.state.round, rounds=cfg.total_rounds,
                            state="running", error=None)
         if cfg.dp.enabled:  # ε composes over the whole job, resumes included (fedseg/privacy/dp.py)
-            ctx.privacy = JobAccountant(cfg.dp.resolve(cfg.rounds),
+            ctx.privacy = JobAccountant(cfg.dp.resolve(cfg.total_rounds),
                                         Path(cfg.run_dir) / "dp_accountant.json", resuming)
             ctx.log(f"differential privacy on: {ctx.privacy.config.model_dump()}")
         first_secure_round = self._start_secure_aggregation(resuming) if cfg.secure_aggregation else ""
@@ -115,9 +117,10 @@ class FederatedJob:
             )
         if resuming:
             assert ctx.plan is not None
-            ctx.log(f"resuming after round {ctx.state.round} of {cfg.rounds} "
+            ctx.log(f"resuming after round {ctx.state.round} of {cfg.total_rounds} "
                     f"(plan {ctx.plan.hash()})")
-            ctx.run.log({"phase": "resume", "round": ctx.state.round, "rounds": cfg.rounds,
+            ctx.run.log({"phase": "resume", "round": ctx.state.round, "rounds": cfg.total_rounds,
+                         "fold": ctx.state.fold,
                          "plan_hash": ctx.plan.hash(), "sites": len(ctx.sites),
                          "optimizer_state": bool(ctx.opt.m or ctx.opt.v)})
         elif cfg.plan_file:
@@ -128,28 +131,44 @@ class FederatedJob:
             ctx.state.weights = initial_weights(ctx.plan, cfg.seed)
             self.checkpoint()
         prepare(ctx, list(ctx.sites), share_round=ctx.state.round + 1)
-        self._rounds()
+        while True:  # one model, or the fold models one after the other (phases/crossval.py)
+            self._rounds(until=(ctx.state.fold + 1) * cfg.rounds)
+            self._final_evaluation()
+            if cfg.folds == 1:
+                finish.export(ctx)
+                break
+            crossval.finish_fold(ctx)
+            if ctx.state.fold + 1 == cfg.folds:
+                crossval.finish(ctx)
+                break
+            crossval.start_next_fold(ctx)
+            self.checkpoint()
+        ctx.run.set_status(phase="done", state="finished", round=ctx.state.round)
+
+    def _final_evaluation(self) -> None:
+        """The (fold's) final model scored on every site's validation cases."""
+        ctx = self.ctx
         enrolment.refresh_sites(ctx)
         ctx.checkpoints.wait()
-        if ctx.secure is not None and not cfg.per_site_metrics:
+        if ctx.secure is not None and not ctx.cfg.per_site_metrics:
             secure_rounds.final_evaluation(ctx)
         else:
             evaluation.final_evaluation(ctx)
-        finish.export(ctx)
-        ctx.run.set_status(phase="done", state="finished", round=ctx.state.round)
 
-    def _rounds(self) -> None:
-        """The training rounds after the last completed one, each checkpointed; a round that
-        fails is retried, skipped or ends the job (module docstring)."""
+    def _rounds(self, until: int) -> None:
+        """The training rounds after the last completed one up to ``until``, each checkpointed;
+        a round that fails is retried, skipped or ends the job (module docstring)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         train_round = secure_rounds.train_round if ctx.secure is not None else training.train_round
         rnd = ctx.state.round + 1
         retries = 0
-        while rnd <= cfg.rounds:
+        while rnd <= until:
             nodes = enrolment.wait_for_sites(ctx, cfg.site_wait_s)
             ctx.run.set_status(phase="training", round=rnd,
                                sites={ctx.name(n): "active" for n in nodes})
-            evaluate_first = (rnd - 1) % cfg.eval_every == 0  # round 1: the untrained model
+            fold, local = cfg.fold_of(rnd)
+            # a model's round 1: its untrained weights (a later fold's: not worth a message)
+            evaluate_first = (local - 1) % cfg.eval_every == 0 and not (fold and local == 1)
             pooled = train_round(ctx, rnd, evaluate_first, nodes)
             if pooled["status"] == "refused" and retries < robust_config(cfg).refused_retries:
                 retries += 1  # implausible sums, not applied (server/plausibility.py)
@@ -171,7 +190,7 @@ class FederatedJob:
             retries = 0
             ctx.state.round = rnd
             self.checkpoint()
-            ctx.log(f"round {rnd}/{cfg.rounds} done: {json.dumps(pooled)}")
+            ctx.log(f"round {rnd}/{cfg.total_rounds} done: {json.dumps(pooled)}")
             rnd += 1
 
     def _start_secure_aggregation(self, resuming: bool) -> str:
@@ -208,6 +227,7 @@ class FederatedJob:
             "weights": ctx.state.weights,
             "optimizer": {k: dict(v) for k, v in ctx.opt.state_dict().items()},
             "best_dice": ctx.state.best_dice,
+            "fold": ctx.state.fold,
             "plan_hash": ctx.plan.hash() if ctx.plan else "",
         }
         every = ctx.cfg.snapshot_every
@@ -224,4 +244,5 @@ class FederatedJob:
         ctx.state.weights = dict(ck["weights"])
         ctx.opt.load_state_dict(ck.get("optimizer", {}))
         ctx.state.best_dice = float(ck.get("best_dice", -1.0))
+        ctx.state.fold = int(ck.get("fold", 0))
         return str(ck.get("plan_hash", ""))

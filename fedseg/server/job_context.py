@@ -42,6 +42,9 @@ class JobState:
     round: int = 0  # rounds completed
     weights: State = field(default_factory=dict)
     best_dice: float = -1.0
+    fold: int = 0  # cross-validation: the fold model being trained (cfg.folds > 1)
+    # (after round, cases, Dice per class) of the latest pooled evaluation (phases/evaluation.py)
+    last_pooled_eval: tuple[int, int, dict[str, float]] | None = None
 
 
 @dataclass

@@ -202,7 +202,10 @@ def train_round(ctx: JobContext, rnd: int, evaluate_first: bool,
             ctx.run.log({"phase": "train", "round": rnd, "site": ctx.name(nid),
                          "status": "dropped", "reason": f"secure-aggregation set-up: {why}"})
     nodes = [n for n in nodes if ctx.name(n) in a.mask_reqs]
-    next_rid = sec.new_round("train", rnd + 1) if rnd < cfg.rounds else None
+    # the next round's keys ride on this one, unless a final evaluation comes between (the last
+    # round of a fold model: phases/crossval.py), whose own set-up would end them at the sites
+    last_of_model = rnd == cfg.total_rounds or cfg.fold_of(rnd + 1)[0] != cfg.fold_of(rnd)[0]
+    next_rid = None if last_of_model else sec.new_round("train", rnd + 1)
     if next_rid:
         sec.next_train[rnd + 1] = next_rid
     classes = eval_classes(ctx)
@@ -314,7 +317,8 @@ def final_evaluation(ctx: JobContext) -> None:
         try:
             replies = ctx.net.send(nodes, pm.EVALUATE, box.content_for(lambda nid: pm.EvalRequest(
                 round=ctx.state.round, plan_hash=plan_hash, per_site_metrics=False,
-                eval_classes=classes, secagg=sec.part(mask=reqs[ctx.name(nid)]),
+                fold=ctx.state.fold, folds=ctx.cfg.folds, eval_classes=classes,
+                secagg=sec.part(mask=reqs[ctx.name(nid)]),
             )), timeout=ctx.cfg.round_timeout_s)
         finally:
             box.close()

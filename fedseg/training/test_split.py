@@ -34,15 +34,21 @@ def score_sites(
     per-case JSON of ``fedseg evaluate`` goes to ``work/SITE.json``. ``postprocessing`` (decided
     beforehand, on validation cases: :mod:`fedseg.training.postprocess_eval`) is applied to
     the predictions before they are scored."""
+    from fedseg.models.bundle_files import bundle_kind
+    from fedseg.training.ensemble_predict import predict_ensemble_files
     from fedseg.training.evaluate import evaluate_folders, json_safe
     from fedseg.training.predict import predict_files
+
+    ensemble = bundle_kind(model_dir) == "ensemble"  # e.g. a cross-validation's folds
 
     out: dict[str, dict[str, Any]] = {}
     for site in sites:
         if not has_test_split(site):
             continue
         pred = work / "predictions" / site.name
-        written = predict_files(model_dir, site / "imagesTs", pred, device=device, mirror_tta=True)
+        written = (predict_ensemble_files([model_dir], site / "imagesTs", pred, device=device)
+                   if ensemble else
+                   predict_files(model_dir, site / "imagesTs", pred, device=device, mirror_tta=True))
         if postprocessing is not None:
             apply_to_files(written, postprocessing)
         res = evaluate_folders(pred, site / "labelsTs", work / f"{site.name}.json")

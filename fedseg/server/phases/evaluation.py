@@ -54,8 +54,10 @@ def record_pooled_eval(
 ) -> float:
     """Log the pooled evaluation, update status, keep ``best`` in step; returns mean Dice."""
     mean = float(np.mean(list(dice.values()))) if dice else float("nan")
+    fold = {"fold": ctx.state.fold} if ctx.cfg.folds > 1 else {}
     ctx.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": cases,
-                 "dice": dice, "hd95": hd95, "mean_dice": mean, **extra})
+                 "dice": dice, "hd95": hd95, "mean_dice": mean, **fold, **extra})
+    ctx.state.last_pooled_eval = (after_round, cases, dict(dice))
     ctx.run.set_status(latest_dice=mean, latest_eval_round=after_round)
     if after_round > 0 and mean > ctx.state.best_dice:
         ctx.state.best_dice = mean
@@ -70,7 +72,8 @@ def final_evaluation(ctx: JobContext) -> None:
     without per-site metrics: ``secure_rounds.final_evaluation``)."""
     assert ctx.plan is not None
     nodes = list(ctx.sites)
-    req = pm.EvalRequest(round=ctx.state.round, plan_hash=ctx.plan.hash())
+    req = pm.EvalRequest(round=ctx.state.round, plan_hash=ctx.plan.hash(),
+                         fold=ctx.state.fold, folds=ctx.cfg.folds)
     box = ctx.outbox(ctx.state.weights)
     ctx.run.set_status(phase="final-evaluation")
     try:

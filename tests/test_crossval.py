@@ -1,0 +1,104 @@
+"""Issue #14 point 1: federated cross-validation. ``fold_split`` gives every case to exactly one
+fold's validation; a real 2-fold federation (``fedseg simulate --folds 2``: Flower processes on
+loopback, secure aggregation on, per-site metrics off) trains both fold models, scores each on
+its fold's validation cases through the secure sum only, bundles them as an ensemble, and
+``fedseg predict`` with that bundle equals the mean of the two fold models' probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from inprocess_cli import fedseg
+
+from fedseg.data.splits import fold_split
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+ENV.pop("FEDSEG_FAULT_INJECT", None)
+
+
+@pytest.mark.parametrize("n,folds", [(10, 2), (10, 5), (7, 3), (2, 5)])
+def test_fold_split_validates_every_case_once(n: int, folds: int) -> None:
+    ids = [f"case_{i:03d}" for i in range(n)]
+    vals = []
+    for f in range(folds):
+        train, val = fold_split(list(reversed(ids)), f, folds)  # order-independent
+        assert sorted(train + val) == ids and not set(train) & set(val)
+        assert (train, val) == fold_split(ids, f, folds)  # deterministic
+        vals += val
+    assert sorted(vals) == ids
+    sizes = [len(fold_split(ids, f, folds)[1]) for f in range(folds)]
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="folds are numbered"):
+        fold_split(ids, folds, folds)
+
+
+def test_two_fold_federated_cv_writes_an_ensemble_of_its_folds(tmp_path: Path) -> None:
+    from fedseg.training.ensemble_predict import case_probabilities
+
+    out = tmp_path / "sim"
+    res = subprocess.run(
+        [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "2", "--rounds", "2",
+         "--local-iterations", "3", "--eval-every", "1", "--folds", "2", "--out", str(out),
+         "--device", "cpu", "--timeout", "900", "--per-site-metrics", "off"],
+        capture_output=True, text=True, timeout=1000, env=ENV,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = out / "run"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # both folds trained, 2 rounds each, numbered on (fold 1's rounds are 3 and 4)
+    ok = [r["round"] for r in recs if r["phase"] == "train" and r["site"] == "pooled"
+          and r.get("status") == "ok"]
+    assert ok == [1, 2, 3, 4]
+    # no round failed: a fold's last round advertises no keys across the final evaluation
+    assert not [r for r in recs if r["phase"] == "train" and r.get("status") != "ok"]
+    folds = {r["fold"]: r for r in recs if r["phase"] == "fold"}
+    assert sorted(folds) == [0, 1] and [folds[f]["round"] for f in (0, 1)] == [2, 4]
+    # each fold scored on its own validation cases: the demo's 10 cases per site split 5 + 5
+    assert [folds[f]["cases"] for f in (0, 1)] == [10, 10]
+    cv = next(r for r in recs if r["phase"] == "cv")
+    assert cv["cases"] == 20 and cv["folds_scored"] == [0, 1]
+    for c, d in cv["dice"].items():
+        assert d == pytest.approx((folds[0]["dice"][c] + folds[1]["dice"][c]) / 2, abs=1e-9)
+    # per_site_metrics off: the server only ever saw pooled (securely summed) evaluations
+    evals = [r for r in recs if r["phase"] == "eval" and "dice" in r]
+    assert evals and all(r["site"] == "pooled" and r.get("secure_aggregation") for r in evals)
+    assert {r.get("fold") for r in evals} == {0, 1}
+    server_log = "\n".join(p.read_text(errors="replace") for p in (out / "logs").rglob("*")
+                           if p.is_file() and "site" not in p.name)
+    for site in ("siteA", "siteB"):
+        assert f"'{site}': {{'dice'" not in server_log and f'"site": "{site}", "cases"' \
+            not in server_log
+
+    # the bundle: an ensemble of the two fold bundles
+    info = json.loads((run / "model" / "bundle.json").read_text())
+    assert info["kind"] == "ensemble"
+    assert [m["name"] for m in info["members"]] == ["fold_0", "fold_1"]
+    f0, f1 = run / "folds" / "fold_0", run / "folds" / "fold_1"
+    w0 = (f0 / "model.pt").read_bytes()
+    assert w0 != (f1 / "model.pt").read_bytes()  # two different models
+    assert w0 == (run / "model" / "members" / "fold_0" / "model.pt").read_bytes()
+
+    ts = out / "demo-data" / "siteA" / "imagesTs"
+    p0 = case_probabilities([f0], ts, device="cpu")
+    p1 = case_probabilities([f1], ts, device="cpu")
+    pens = case_probabilities([run / "model"], ts, device="cpu")
+    assert sorted(pens) == sorted(p0) and len(pens) >= 2
+    pred = tmp_path / "pred"
+    r = fedseg("predict", "-m", str(run / "model"), "-i", str(ts), "-o", str(pred),
+               "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    from fedseg.data.dataset import load_image
+
+    for case in pens:
+        mean = (p0[case] + p1[case]) / 2
+        np.testing.assert_allclose(pens[case], mean, rtol=0, atol=1e-6)
+        assert not np.allclose(p0[case], p1[case], atol=1e-4)
+        written, _, _ = load_image(pred / f"{case}.nii.gz")
+        assert np.array_equal(written[0], mean.argmax(0))
