@@ -14,8 +14,7 @@ from fedseg.data.dataset import read_dataset_json
 from fedseg.errors import FedsegError
 from fedseg.planning.fingerprint import Fingerprint, compute_fingerprint
 from fedseg.planning.plan import Plan
-from fedseg.planning.planner import make_plan
-from fedseg.planning.presets import Preset, apply_preset
+from fedseg.planning.presets import Preset, plan_with_preset, planner_spec
 
 SiteProgress = Callable[[str, int, int, str], None]
 
@@ -23,7 +22,7 @@ SiteProgress = Callable[[str, int, int, str], None]
 def plan_main(
     data_dirs: list[Path],
     out: Path,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     progress: SiteProgress | None = None,
     dataset_name: str = "fedseg",
     preset: Preset = "nnunet",
@@ -33,9 +32,17 @@ def plan_main(
     All sites must declare the same ``channel_names`` and ``labels`` in dataset.json, else a
     :class:`FedsegError` names the first site that differs from the first one.
     ``progress(site_dir, done, total, case_id)`` is called after every case.
+    ``gpu_memory_gb``: the GPU target (default 8 GB); the ResEnc presets have their own
+    (nnU-Net's M 8 GB, L 24 GB: ``fedseg.planning.presets``), so giving another is refused.
     """
     if not data_dirs:
         raise FedsegError("no site folder given; pass one or more dataset folders")
+    fixed = planner_spec(preset).gpu_memory_gb
+    if gpu_memory_gb is not None and fixed is not None and gpu_memory_gb != fixed:
+        raise FedsegError(
+            f"--gpu-memory-gb {gpu_memory_gb:g}: preset {preset} is nnU-Net's plan for a "
+            f"{fixed:g} GB GPU; leave --gpu-memory-gb out, or choose another --preset")
+    gpu_memory_gb = 8.0 if gpu_memory_gb is None else gpu_memory_gb
     if gpu_memory_gb <= 0:
         raise FedsegError(f"--gpu-memory-gb {gpu_memory_gb}: must be positive (GiB)")
     dirs = [Path(d) for d in data_dirs]
@@ -65,7 +72,6 @@ def plan_main(
         fp = compute_fingerprint(d, cb)
         total = fp if total is None else total + fp
     assert total is not None
-    plan = make_plan(total, ref, gpu_memory_gb=gpu_memory_gb, dataset_name=dataset_name)
-    plan = apply_preset(plan, preset)
+    plan = plan_with_preset(total, ref, gpu_memory_gb, dataset_name, preset)
     plan.save(out)
     return plan

@@ -13,8 +13,7 @@ import numpy as np
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.planning.fingerprint import Fingerprint
 from fedseg.planning.plan import Plan
-from fedseg.planning.planner import make_plan
-from fedseg.planning.presets import Preset, apply_preset
+from fedseg.planning.presets import Preset, plan_with_preset
 
 
 def plan_from_fingerprint_sum(
@@ -25,5 +24,4 @@ def plan_from_fingerprint_sum(
     preset: Preset = "nnunet",
 ) -> Plan:
     fp = Fingerprint.from_vector(np.asarray(total), Fingerprint.empty(ds.channel_names))
-    plan = make_plan(fp, ds, gpu_memory_gb=gpu_memory_gb, dataset_name=dataset_name)
-    return apply_preset(plan, preset)
+    return plan_with_preset(fp, ds, gpu_memory_gb, dataset_name, preset)

@@ -15,6 +15,9 @@ those two), so every consumer reads one complete configuration. fedseg trains 2d
 and 3d_lowres; training the cascade's second stage (3d_fullres fed with the 3d_lowres
 model's upsampled prediction) is NOT implemented: choosing it is a :class:`FedsegError`.
 
+A configuration's network is nnU-Net's ``PlainConvUNet`` unless its ``architecture`` says
+``ResidualEncoderUNet`` (nnU-Net's ResEnc M/L presets, ``fedseg.planning.planners``).
+
 The plan's hash must not move for plans that existed before a field was added (run
 checkpoints, caches and bundles are keyed by it): fields added later are left out of the
 hashed JSON while they are None or hold nnU-Net's default (``_HASH_NEUTRAL``).
@@ -27,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedseg.config_io import load_json_model
 from fedseg.data.dataset_json import DatasetJson
@@ -100,7 +103,13 @@ class ConfigurationPlan(BaseModel):
     features_per_stage: list[int]
     kernel_sizes: list[list[int]]
     strides: list[list[int]]
-    n_conv_per_stage: list[int]
+    # the network (nnU-Net's "architecture" entry): PlainConvUNet, n_conv_per_stage convs per
+    # encoder stage (MONAI's DynUNet builds it), or ResidualEncoderUNet (the ResEnc presets),
+    # n_blocks_per_stage residual blocks per encoder stage (fedseg.models.resenc); both with
+    # n_conv_per_stage_decoder convs per decoder stage
+    architecture: Literal["PlainConvUNet", "ResidualEncoderUNet"] = "PlainConvUNet"
+    n_conv_per_stage: list[int] | None = None
+    n_blocks_per_stage: list[int] | None = None
     n_conv_per_stage_decoder: list[int]
     batch_dice: bool
     # nnU-Net's resampling settings (fedseg.training.resample follows them)
@@ -116,6 +125,22 @@ class ConfigurationPlan(BaseModel):
     previous_stage: str | None = None
     inherits_from: str | None = None
 
+    @model_validator(mode="after")
+    def _blocks_fit_the_architecture(self) -> ConfigurationPlan:
+        plain = self.architecture == "PlainConvUNet"
+        encoder, other = (("n_conv_per_stage", "n_blocks_per_stage") if plain else
+                          ("n_blocks_per_stage", "n_conv_per_stage"))
+        per_stage = getattr(self, encoder)
+        if per_stage is None or len(per_stage) != self.n_stages:
+            raise ValueError(f"{self.architecture} needs '{encoder}' with n_stages = "
+                             f"{self.n_stages} entries, got {per_stage}")
+        if getattr(self, other) is not None:
+            raise ValueError(f"'{other}' is not a field of {self.architecture}; leave it out")
+        if len(self.n_conv_per_stage_decoder) != self.n_stages - 1:
+            raise ValueError(f"'n_conv_per_stage_decoder' needs n_stages - 1 = "
+                             f"{self.n_stages - 1} entries, got {self.n_conv_per_stage_decoder}")
+        return self
+
 
 # fields added after plans were first hashed: out of the hash while None or at these values
 _HASH_NEUTRAL = {
@@ -123,7 +148,7 @@ _HASH_NEUTRAL = {
     for name in (
         "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
         "resampling_fn_seg_kwargs", "resampling_fn_probabilities",
-        "resampling_fn_probabilities_kwargs",
+        "resampling_fn_probabilities_kwargs", "architecture",
     )
 }
 

@@ -25,6 +25,11 @@ fedseg                                      nnunetv2 / dynamic_network_architect
 :func:`intensity_properties`                ``DatasetFingerprintExtractor.run`` statistics
 ==========================================  ===================================================
 
+Every rule takes a :class:`~fedseg.planning.planners.PlannerSpec`: nnU-Net's default planner
+unless told, or its ResEnc M / L planners (``nnUNetPlannerResEncM`` / ``L``, which change the
+network, its estimate, the reference values, the shrink loop's test and the batch cap;
+``fedseg.planning.planners``, goldens in ``tests/goldens/resenc.json``).
+
 Statistics over cases come from the fingerprint's histograms: a percentile is computed like
 ``np.percentile`` (method "linear": virtual index (n-1)q, numpy's ``_lerp``) on the sorted
 per-case values that the histogram holds (exact when a bin holds one distinct value, see
@@ -59,24 +64,19 @@ from fedseg.planning.plan import (
     IntensityProperties,
     Plan,
 )
+from fedseg.planning.planners import DEFAULT, PlannerSpec
 
-# ExperimentPlanner.__init__ constants (nnunetv2 2.x)
+# ExperimentPlanner.__init__ constants (nnunetv2 2.x) shared by every planner; what differs
+# between the default and the ResEnc planners is a PlannerSpec (fedseg.planning.planners)
 ANISO_THRESHOLD = 3
 UNET_BASE_NUM_FEATURES = 32
-UNET_REFERENCE_VAL_3D = 560000000
-UNET_REFERENCE_VAL_2D = 85000000
-UNET_REFERENCE_VAL_CORRESP_GB = 8
 UNET_REFERENCE_VAL_CORRESP_BS_2D = 12
 UNET_REFERENCE_VAL_CORRESP_BS_3D = 2
 UNET_FEATUREMAP_MIN_EDGE_LENGTH = 4
-UNET_BLOCKS_PER_STAGE_ENCODER = 2
-UNET_BLOCKS_PER_STAGE_DECODER = 2
 UNET_MIN_BATCH_SIZE = 2
 UNET_MAX_FEATURES_2D = 512
 UNET_MAX_FEATURES_3D = 320
-MAX_DATASET_COVERED = 0.05
 LOWRES_CREATION_THRESHOLD = 0.25
-PLANS_IDENTIFIER = "nnUNetPlans"
 
 # nnunetv2.preprocessing.normalization.map_channel_name_to_normalization
 _NORMALIZATION_BY_NAME = {
@@ -333,24 +333,8 @@ def _features_per_stage(num_stages: int, max_num_features: int) -> list[int]:
 def conv_feature_map_size(
     patch_size: Any, strides: list[list[int]], features: list[int], num_classes: int
 ) -> int:
-    """``PlainConvUNet.compute_conv_feature_map_size`` for nnU-Net's default plain U-Net.
-
-    Encoder stage s: n_conv x F_s x prod(size_s) (size_s = size_{s-1} // stride_s); decoder stage
-    j (all but the bottleneck): (n_conv_dec + 1 transposed conv) x F_j x prod(size_j); plus the
-    final segmentation output num_classes x prod(size_0) (no deep supervision in the estimate).
-    """
-    sizes = []
-    size = [int(i) for i in patch_size]
-    for st in strides:
-        size = [i // j for i, j in zip(size, st, strict=True)]
-        sizes.append(size)
-    out = 0
-    for s, f in enumerate(features):
-        out += UNET_BLOCKS_PER_STAGE_ENCODER * f * math.prod(sizes[s])
-    for j in range(len(features) - 1):
-        out += (UNET_BLOCKS_PER_STAGE_DECODER + 1) * features[j] * math.prod(sizes[j])
-    out += num_classes * math.prod(sizes[0])
-    return out
+    """The default planner's estimate (``PlainConvUNet``, see ``planners.DEFAULT``)."""
+    return DEFAULT.feature_map_size(patch_size, strides, features, num_classes)
 
 
 def configuration(
@@ -360,8 +344,10 @@ def configuration(
     approximate_n_voxels_dataset: float,
     num_label_names: int,
     gpu_memory_gb: float,
+    spec: PlannerSpec = DEFAULT,
 ) -> dict[str, Any]:
-    """``get_plans_for_configuration``: patch size under the memory budget, topology, batch."""
+    """``get_plans_for_configuration`` of ``spec``'s planner: patch size under the memory
+    budget, topology, batch."""
     assert all(i > 0 for i in spacing), f"Spacing must be > 0! Spacing: {spacing}"
     dim = len(spacing)
     max_num_features = UNET_MAX_FEATURES_2D if dim == 2 else UNET_MAX_FEATURES_3D
@@ -377,12 +363,19 @@ def configuration(
         spacing, initial_patch_size, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
     )
     features = _features_per_stage(len(strides), max_num_features)
-    estimate = conv_feature_map_size(patch_size, strides, features, num_label_names)
-    reference = (UNET_REFERENCE_VAL_2D if dim == 2 else UNET_REFERENCE_VAL_3D) * (
-        gpu_memory_gb / UNET_REFERENCE_VAL_CORRESP_GB
+    estimate = spec.feature_map_size(patch_size, strides, features, num_label_names)
+    reference = (spec.reference_val_2d if dim == 2 else spec.reference_val_3d) * (
+        gpu_memory_gb / spec.reference_val_corresp_gb
     )
     ref_bs = UNET_REFERENCE_VAL_CORRESP_BS_2D if dim == 2 else UNET_REFERENCE_VAL_CORRESP_BS_3D
-    while (estimate / ref_bs * 2) > reference:
+
+    def too_large(estimate: float) -> bool:
+        # the default planner corrects for its batch-2 minimum; the ResEnc planners do not
+        if spec.batch_size_corrected_loop:
+            return (estimate / ref_bs * 2) > reference
+        return estimate > reference
+
+    while too_large(estimate):
         axis = int(np.argsort(
             [i / j for i, j in zip(patch_size, median_shape[:dim], strict=True)]
         )[-1])
@@ -398,10 +391,11 @@ def configuration(
             spacing, patch, UNET_FEATUREMAP_MIN_EDGE_LENGTH, 999999
         )
         features = _features_per_stage(len(strides), max_num_features)
-        estimate = conv_feature_map_size(patch_size, strides, features, num_label_names)
+        estimate = spec.feature_map_size(patch_size, strides, features, num_label_names)
     batch_size = round((reference / estimate) * ref_bs)
     bs_5_percent = round(
-        approximate_n_voxels_dataset * MAX_DATASET_COVERED / np.prod(patch_size, dtype=np.float64)
+        approximate_n_voxels_dataset * spec.max_dataset_covered
+        / np.prod(patch_size, dtype=np.float64)
     )
     batch_size = max(min(batch_size, bs_5_percent), UNET_MIN_BATCH_SIZE)
     n_stages = len(strides)
@@ -415,13 +409,13 @@ def configuration(
         "features_per_stage": features,
         "kernel_sizes": [[int(k) for k in ks] for ks in kernels],
         "strides": [[int(s) for s in st] for st in strides],
-        "n_conv_per_stage": [UNET_BLOCKS_PER_STAGE_ENCODER] * n_stages,
-        "n_conv_per_stage_decoder": [UNET_BLOCKS_PER_STAGE_DECODER] * (n_stages - 1),
+        **spec.architecture_fields(n_stages),
     }
 
 
-def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx_voxels: float,
-             num_label_names: int, gpu_memory_gb: float, num_training: int) -> dict[str, Any]:
+def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, spec: PlannerSpec,
+             approx_voxels: float, num_label_names: int, gpu_memory_gb: float,
+             num_training: int) -> dict[str, Any]:
     """3d_fullres and, when nnU-Net would make one, 3d_lowres and 3d_cascade_fullres.
 
     3d_lowres: the spacing grows by 3 % a step (the coarse axes first while any is more than
@@ -429,8 +423,8 @@ def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx
     dropped if its median image is not at least 2x smaller than fullres' (in voxels).
     """
     fullres = configuration(
-        spacing_t, new_median_t, ident + "3d_fullres", approx_voxels, num_label_names,
-        gpu_memory_gb,
+        spacing_t, new_median_t, spec.data_identifier("3d_fullres"), approx_voxels,
+        num_label_names, gpu_memory_gb, spec,
     )
     median_num_voxels = np.prod(new_median_t, dtype=np.float64)
     num_voxels_in_patch = np.prod(fullres["patch_size"], dtype=np.float64)
@@ -446,10 +440,11 @@ def _plan_3d(spacing_t: np.ndarray, new_median_t: np.ndarray, ident: str, approx
         lowres = configuration(
             lowres_spacing,
             tuple(round(i) for i in spacing_t / lowres_spacing * new_median_t),
-            ident + "3d_lowres",
+            spec.data_identifier("3d_lowres"),
             float(np.prod(median_num_voxels) * num_training),
             num_label_names,
             gpu_memory_gb,
+            spec,
         )
         num_voxels_in_patch = np.prod(lowres["patch_size"], dtype=np.int64)
     if np.prod(new_median_t, dtype=np.float64) / median_num_voxels < 2:
@@ -477,9 +472,10 @@ def resampling_settings() -> dict[str, Any]:
 
 
 def plan_configurations(
-    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0
+    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0, spec: PlannerSpec = DEFAULT
 ) -> dict[str, Any]:
-    """``plan_experiment``: everything of nnU-Net's plans fedseg compares, as plain dicts.
+    """``plan_experiment`` of ``spec``'s planner (nnU-Net's default ``ExperimentPlanner``
+    unless told): everything of nnU-Net's plans fedseg compares, as plain dicts.
 
     Keys: ``transpose_forward``, ``transpose_backward``, ``original_median_spacing_after_transp``,
     ``original_median_shape_after_transp``, ``median_relative_size_after_cropping`` and
@@ -504,14 +500,13 @@ def plan_configurations(
     new_median = median_resampled_shape(fp, target)
     new_median_t = new_median[tf]
     approx_voxels = float(np.prod(new_median_t, dtype=np.float64) * num_training)
-    ident = PLANS_IDENTIFIER + "_"
     configs: dict[str, Any] = {}
     if new_median_t[0] != 1:  # nnU-Net: 2D data (one slice after resampling) gets no 3D plan
-        configs.update(_plan_3d(spacing_t, new_median_t, ident, approx_voxels, num_label_names,
+        configs.update(_plan_3d(spacing_t, new_median_t, spec, approx_voxels, num_label_names,
                                 gpu_memory_gb, num_training))
     plan2d = configuration(
-        spacing_t[1:], new_median_t[1:], ident + "2d", approx_voxels, num_label_names,
-        gpu_memory_gb,
+        spacing_t[1:], new_median_t[1:], spec.data_identifier("2d"), approx_voxels,
+        num_label_names, gpu_memory_gb, spec,
     )
     plan2d["batch_dice"] = True
 
@@ -539,14 +534,16 @@ def plan_configurations(
 
 
 def make_plan(
-    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0, dataset_name: str = "fedseg"
+    fp: Fingerprint, ds: DatasetJson, gpu_memory_gb: float = 8.0, dataset_name: str = "fedseg",
+    spec: PlannerSpec = DEFAULT,
 ) -> Plan:
-    """The plan nnU-Net v2's default planner makes for the data ``fp`` summarises.
+    """The plan nnU-Net v2's planner ``spec`` (default: ``ExperimentPlanner``) makes for the
+    data ``fp`` summarises.
 
     ``fp`` is the sum of every site's fingerprint; ``ds`` the (common) dataset.json;
     ``gpu_memory_gb`` the smallest site GPU (nnU-Net's ``gpu_memory_target_in_gb``, default 8).
     """
-    raw = plan_configurations(fp, ds, gpu_memory_gb)
+    raw = plan_configurations(fp, ds, gpu_memory_gb, spec)
     configs = {name: ConfigurationPlan(**cfg) for name, cfg in raw["configurations"].items()}
     return Plan(
         dataset_name=dataset_name,
