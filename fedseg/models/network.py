@@ -3,17 +3,28 @@
 MONAI's ``DynUNet`` is nnU-Net's plain U-Net (two conv-norm-lrelu per stage, strided-conv
 downsampling, transposed-conv upsampling, deep-supervision heads), so fedseg builds it from the
 plan's per-stage kernel sizes, strides and feature counts instead of writing its own network.
+A configuration whose ``architecture`` is ``ResidualEncoderUNet`` (the ResEnc presets) gets
+nnU-Net's own residual-encoder network instead (``fedseg.models.resenc``).
+
+What the trainer, the loss, prediction and the weights transport use of a network — all a
+network built here provides: ``net(x)`` in eval mode (full-resolution logits),
+:func:`forward_heads` (deep-supervision outputs at their own resolutions),
+``net.deep_supervision`` / ``net.deep_supr_num``, and its ``state_dict`` (:func:`weights_of`,
+:func:`load_weights`).
 """
 
 from __future__ import annotations
 
+import torch
 from monai.networks.nets import DynUNet
 
 from fedseg.planning.plan import Plan
 
 
-def build_network(plan: Plan, config: str | None = None, deep_supervision: bool = True) -> DynUNet:
-    """DynUNet for ``plan.configurations[config]``.
+def build_network(plan: Plan, config: str | None = None,
+                  deep_supervision: bool = True) -> torch.nn.Module:
+    """DynUNet (or, for a ResidualEncoderUNet configuration, ``resenc.ResEncUNet``) for
+    ``plan.configurations[config]``.
 
     Deep supervision heads: every decoder stage except the two lowest resolutions gets one,
     as in nnU-Net (``deep_supr_num = n_stages - 2``, at least 1 when the net is that shallow).
@@ -21,6 +32,10 @@ def build_network(plan: Plan, config: str | None = None, deep_supervision: bool 
     in eval mode only the full-resolution output.
     """
     cfg = plan.config(config)
+    if cfg.architecture == "ResidualEncoderUNet":
+        from fedseg.models.resenc import ResEncUNet  # the package only where it is used
+
+        return ResEncUNet(cfg, len(plan.channel_names), plan.num_outputs, deep_supervision)
     spatial_dims = len(cfg.patch_size)
     n_supr = max(1, cfg.n_stages - 2)
     return DynUNet(
@@ -37,6 +52,21 @@ def build_network(plan: Plan, config: str | None = None, deep_supervision: bool 
         deep_supr_num=n_supr,
         res_block=False,
     )
+
+
+def forward_heads(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(full-resolution logits, head 1, head 2, ...) in training mode with deep supervision,
+    each head at its own resolution; ``(logits,)`` otherwise.
+
+    DynUNet: its own layers run without its forward, which would upsample every head to full
+    resolution and stack them (nnU-Net downsamples the target instead, see
+    ``fedseg.training.trainer``). Other networks provide ``forward_heads`` themselves."""
+    if not isinstance(net, DynUNet):
+        return net.forward_heads(x)
+    out = net.output_block(net.skip_layers(x))
+    if net.deep_supervision and net.training:
+        return (out, *net.heads)
+    return (out,)
 
 
 def num_parameters(net) -> int:

@@ -20,9 +20,10 @@ and stacks them, so a loss on its output costs ``n_heads`` full-resolution Dice+
 a (B, heads, C, 128^3) tensor. nnU-Net instead DOWNSAMPLES THE TARGET to each head's resolution
 (nearest-exact). fedseg does nnU-Net's, which is both the reference behaviour and cheaper:
 :class:`DeepSupervisionNet` runs DynUNet's own layers and returns the heads at their native
-resolution; the loss downsamples the (int) target on the device, which costs next to nothing.
-Weights are DynUNet's own (``state_dict`` keys unchanged) so bundles and aggregation do not
-see the wrapper.
+resolution (a ResEnc plan's ``ResidualEncoderUNet`` does the same itself:
+``fedseg.models.resenc``); the loss downsamples the (int) target on the device, which costs
+next to nothing. Weights are the network's own (``state_dict`` keys unchanged) so bundles and
+aggregation do not see the wrapper.
 
 Labels outside the body (-1 after nnU-Net's crop) and padding (-1) count as background, as in
 nnU-Net (``RemoveLabelTansform(-1, 0)``); ``TrainConfig.ignore_outside`` excludes them from the
@@ -46,11 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets import DynUNet
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedseg.errors import FedsegError
-from fedseg.models.network import build_network, load_weights, weights_of
+from fedseg.models.network import build_network, forward_heads, load_weights, weights_of
 from fedseg.planning.plan import Plan
 from fedseg.training.augment import AugmentConfig, DeviceAugmenter, spatial_setup
 from fedseg.training.losses import (  # noqa: F401 - re-exported: tests and benches use them
@@ -127,18 +127,15 @@ def poly_lr(initial_lr: float, iteration: int, total_iterations: int, exponent: 
 
 
 class DeepSupervisionNet(torch.nn.Module):
-    """Runs a ``DynUNet``'s layers and returns (full-res logits, head 1, head 2, ...) at the
-    heads' own resolutions (DynUNet's forward would upsample and stack them)."""
+    """Returns (full-res logits, head 1, head 2, ...) at the heads' own resolutions
+    (``network.forward_heads``; DynUNet's forward would upsample and stack them)."""
 
-    def __init__(self, net: DynUNet) -> None:
+    def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.net.output_block(self.net.skip_layers(x))
-        if self.net.deep_supervision and self.training:
-            return (out, *self.net.heads)
-        return (out,)
+        return forward_heads(self.net, x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +228,7 @@ class LocalTrainer:
             torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(cfg.seed)  # the same initial weights at every site with this seed
-        self.net: DynUNet = build_network(plan, self.config_name, cfg.deep_supervision).to(
-            self.device)
+        self.net = build_network(plan, self.config_name, cfg.deep_supervision).to(self.device)
         self.model = DeepSupervisionNet(self.net)
         self.model.train()
         n_out = (1 + self.net.deep_supr_num) if self.net.deep_supervision else 1
