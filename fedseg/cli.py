@@ -17,6 +17,10 @@ from pathlib import Path
 
 from fedseg.errors import run_cli
 
+# the plan presets (fedseg.planning.presets.Preset), spelled out so that the parser does not
+# import the planner; tests/test_resenc.py checks that the two lists agree
+PRESETS = ("nnunet", "tiny", "resenc_m", "resenc_l", "resenc_tiny")
+
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from fedseg.data.demo import make_demo_data
@@ -251,10 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="pool the sites' fingerprints and write the nnU-Net plan")
     s.add_argument("data", nargs="+", help="dataset folder(s), one per site")
     s.add_argument("--out", required=True, help="plan JSON to write")
-    s.add_argument("--gpu-memory-gb", type=float, default=8.0,
-                   help="GPU memory budget of the smallest site (nnU-Net default: 8)")
-    s.add_argument("--preset", choices=["nnunet", "tiny"], default="nnunet",
-                   help="tiny: cap features/patch for CPU demos and tests (default: nnU-Net's plan)")
+    s.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory budget of the smallest site (nnU-Net default: 8; the resenc "
+                   "presets have their own)")
+    s.add_argument("--preset", choices=PRESETS, default="nnunet",
+                   help="nnunet: nnU-Net's default plan; resenc_m / resenc_l: nnU-Net's ResEnc "
+                   "M (8 GB) / L (24 GB) plans; tiny / resenc_tiny: nnunet / resenc_m with "
+                   "features and patch capped for CPU demos and tests")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("train", help="train on one site's data (nnU-Net recipe)")
@@ -323,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aggregation", choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"],
                    default="fedavg")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx mu")
-    s.add_argument("--preset", choices=["auto", "nnunet", "tiny"], default="auto",
-                   help="plan preset (auto: nnunet on a GPU, tiny on CPU)")
+    s.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="plan preset (auto: nnunet on a GPU, tiny on CPU; see 'fedseg plan')")
     s.add_argument("--out", default="runs/simulate", help="work folder (run folder inside)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")

@@ -70,7 +70,11 @@ class JobConfig(BaseModel):
         "max_retries, then skip), skip it (global model unchanged) or fail the job")
     max_retries: int = Field(default=2, ge=0)
     gpu_memory_gb: float | None = Field(default=None, gt=0, description="override site GPUs")
-    plan_preset: Literal["nnunet", "tiny"] = "nnunet"
+    plan_preset: Literal["nnunet", "tiny", "resenc_m", "resenc_l", "resenc_tiny"] = Field(
+        default="nnunet", description="nnunet: nnU-Net's default plan for the sites' GPUs; "
+        "resenc_m / resenc_l: nnU-Net's ResEnc M / L plans (ResidualEncoderUNet, for 8 / 24 GB "
+        "GPUs whatever the sites report); tiny / resenc_tiny: nnunet / resenc_m shrunk for CPU "
+        "tests (fedseg/planning/presets.py)")
     configuration: Literal["2d", "3d_fullres", "3d_lowres"] | None = Field(
         default=None, description="the plan configuration the sites train: 2d, 3d_fullres or "
         "3d_lowres (where nnU-Net plans one); unset: nnU-Net's choice (3d_fullres for 3D data, "
