@@ -1,8 +1,11 @@
-"""Issue #14 point 1: federated cross-validation. ``fold_split`` gives every case to exactly one
-fold's validation; a real 2-fold federation (``fedseg simulate --folds 2``: Flower processes on
-loopback, secure aggregation on, per-site metrics off) trains both fold models, scores each on
-its fold's validation cases through the secure sum only, bundles them as an ensemble, and
-``fedseg predict`` with that bundle equals the mean of the two fold models' probabilities."""
+"""Issue #14 points 1 and 3: federated cross-validation and model selection. ``fold_split`` gives
+every case to exactly one fold's validation. A real federation (``fedseg simulate``: Flower
+processes on loopback, secure aggregation on, per-site metrics off) with 2 folds of two
+configurations trains the four models, scores each fold on its validation cases through the
+secure sum only, chooses among 2d, 3d_fullres and their ensemble on pooled CV Dice from the
+sites' kept CV predictions, decides postprocessing, and ``fedseg predict`` with the chosen
+bundle equals the mean of its fold models' probabilities. (The one-configuration 2-fold job:
+the slow test.)"""
 
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def test_fold_split_validates_every_case_once(n: int, folds: int) -> None:
         fold_split(ids, folds, folds)
 
 
+@pytest.mark.slow
 def test_two_fold_federated_cv_writes_an_ensemble_of_its_folds(tmp_path: Path) -> None:
     from fedseg.training.ensemble_predict import case_probabilities
 
@@ -100,5 +104,66 @@ def test_two_fold_federated_cv_writes_an_ensemble_of_its_folds(tmp_path: Path) -
         mean = (p0[case] + p1[case]) / 2
         np.testing.assert_allclose(pens[case], mean, rtol=0, atol=1e-6)
         assert not np.allclose(p0[case], p1[case], atol=1e-4)
+        written, _, _ = load_image(pred / f"{case}.nii.gz")
+        assert np.array_equal(written[0], mean.argmax(0))
+
+
+def test_federated_selection_among_configurations_and_their_ensemble(tmp_path: Path) -> None:
+    from fedseg.data.dataset import load_image
+    from fedseg.training.ensemble_predict import case_probabilities
+
+    out = tmp_path / "sim"
+    job = tmp_path / "job.toml"
+    job.write_text('folds = 2\nconfigurations = ["3d_fullres", "2d"]\n')
+    res = subprocess.run(
+        [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "2", "--rounds", "2",
+         "--local-iterations", "3", "--eval-every", "2", "--out", str(out), "--device", "cpu",
+         "--timeout", "900", "--per-site-metrics", "off", "--job-config", str(job)],
+        capture_output=True, text=True, timeout=1000, env=ENV,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = out / "run"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ok = [r["round"] for r in recs if r["phase"] == "train" and r["site"] == "pooled"
+          and r.get("status") == "ok"]
+    assert ok == list(range(1, 9))  # 2 configurations x 2 folds x 2 rounds, numbered on
+    assert not [r for r in recs if r["phase"] == "train" and r.get("status") != "ok"]
+    folds = [(r["configuration"], r["fold"], r["round"], r["cases"]) for r in recs
+             if r["phase"] == "fold"]
+    assert folds == [("3d_fullres", 0, 2, 10), ("3d_fullres", 1, 4, 10), ("2d", 0, 6, 10),
+                     ("2d", 1, 8, 10)]
+    cvs = {r["configuration"]: r for r in recs if r["phase"] == "cv"}
+    assert sorted(cvs) == ["2d", "3d_fullres"] and all(r["cases"] == 20 for r in cvs.values())
+
+    # the selection: three candidates scored on all 20 cases, through the secure sum only
+    sel = [r for r in recs if r["phase"] == "selection"]
+    assert len(sel) == 1 and sel[0]["site"] == "pooled" and sel[0]["secure_aggregation"]
+    cands = sel[0]["candidates"]
+    assert sorted(cands) == ["2d", "3d_fullres", "3d_fullres+2d"] and sel[0]["cases"] == 20
+    assert sel[0]["chosen"] == max(cands, key=lambda n: cands[n]["mean_dice"])
+    for c in cands.values():  # real Dice, from the sites' kept predictions
+        assert 0.0 < c["mean_dice"] < 1.0
+    evals = [r for r in recs if r["phase"] in ("eval", "selection") and "dice" in r]
+    assert all(r["site"] == "pooled" for r in evals)
+    pp = [r for r in recs if r["phase"] == "postprocessing"]
+    assert len(pp) == 1 and pp[0]["candidate"] == sel[0]["chosen"] and pp[0]["cases"] == 20
+    assert set(pp[0]["report"]) == {"foreground", "classes"}
+
+    # the chosen bundle: the mean of its configurations' fold models
+    chosen = cands[sel[0]["chosen"]]["configurations"]
+    for c in ("2d", "3d_fullres"):
+        assert json.loads((run / "candidates" / c / "bundle.json").read_text())["kind"] == \
+            "ensemble"
+    folds_used = [run / "folds" / c / f"fold_{k}" for c in chosen for k in (0, 1)]
+    ts = out / "demo-data" / "siteB" / "imagesTs"
+    each = [case_probabilities([f], ts, device="cpu") for f in folds_used]
+    pens = case_probabilities([run / "model"], ts, device="cpu")
+    pred = tmp_path / "pred"
+    r = fedseg("predict", "-m", str(run / "model"), "-i", str(ts), "-o", str(pred),
+               "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for case in pens:
+        mean = sum(p[case] for p in each) / len(each)
+        np.testing.assert_allclose(pens[case], mean, rtol=0, atol=1e-5)
         written, _, _ = load_image(pred / f"{case}.nii.gz")
         assert np.array_equal(written[0], mean.argmax(0))

@@ -261,10 +261,32 @@ def _fault_injected(delta: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndar
 def evaluate(msg: Message, cfg: SiteConfig) -> Message:
     req, weights = receive(msg, pm.EvalRequest, cfg.bulk)
     plan = _load_plan(cfg, req.plan_hash)
-    result = _evaluate(cfg, plan, weights, req.round, req.fold, req.folds)
+    if req.cv_candidates:  # the job's selection: candidates from the kept CV predictions
+        result = _score_candidates(cfg, plan, req)
+    else:
+        result = _evaluate(cfg, plan, weights, req.round, req.fold, req.folds)
+        if req.keep_cv_predictions:
+            from fedseg.training import cv_predictions as cvp
+
+            _, val = train_val_ids(cfg.data_dir, req.fold, req.folds)
+            cvp.store(plan, weights, cfg.data_dir, val,
+                      cvp.store_dir(cfg.cache_dir, req.job_id, req.plan_hash), cfg.device)
     if req.secagg is not None:  # per-site metrics off: into the secure sum
         return secure.eval_reply(msg, cfg, req, result)
     return Message(pack(result), reply_to=msg)
+
+
+def _score_candidates(cfg: SiteConfig, plan, req: pm.EvalRequest) -> pm.EvalReply:
+    """Dice of the server's candidates (configurations and their ensembles) on this site's
+    kept cross-validation predictions: means over its cases, keyed CANDIDATE/CLASS."""
+    from fedseg.training import cv_predictions as cvp
+
+    t0 = time.monotonic()
+    stores = {name: [cvp.store_dir(cfg.cache_dir, req.job_id, h) for h in hashes]
+              for name, hashes in req.cv_candidates.items()}
+    dice, n = cvp.score_candidates(cfg.data_dir, plan, stores, req.cv_postprocess)
+    return pm.EvalReply(site=cfg.site, num_cases=n, dice_per_class=dice, hd95_per_class={},
+                        seconds=time.monotonic() - t0)
 
 
 @app.query("share_keys")

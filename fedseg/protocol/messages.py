@@ -241,9 +241,24 @@ class TrainRequest(Msg):
         return data
 
 
+CandidateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]{1,64}$")]
+PlanHash = Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]
+
+
 class EvalRequest(Msg):
     round: int
     plan_hash: str
+    job_id: str = Field(default="", max_length=200, description="the job (keys the site's "
+                        "cross-validation predictions)")
+    keep_cv_predictions: bool = Field(
+        default=False, description="cross-validation: the site also keeps the fold model's "
+        "probabilities of its validation cases (fedseg/training/cv_predictions.py)")
+    cv_candidates: dict[CandidateName, list[PlanHash]] = Field(
+        default_factory=dict, max_length=16,
+        description="score these candidates (name -> the plans whose kept CV probabilities "
+        "are averaged) instead of the model; no weights travel")
+    cv_postprocess: CandidateName | None = Field(
+        default=None, description="also score the postprocessing candidates on this one")
     fold: int = Field(default=0, ge=0, description="cross-validation: the fold whose split "
                       "the site trains and validates on (folds > 1)")
     folds: int = Field(default=1, ge=1, description="cross-validation folds (1: the fixed "

@@ -79,6 +79,11 @@ class JobConfig(BaseModel):
         default=None, description="the plan configuration the sites train: 2d, 3d_fullres or "
         "3d_lowres (where nnU-Net plans one); unset: nnU-Net's choice (3d_fullres for 3D data, "
         "2d for 2D data)")
+    configurations: list[Literal["2d", "3d_fullres", "3d_lowres"]] = Field(
+        default_factory=list, description="nnU-Net's best-configuration search: train each "
+        "of these configurations' fold models (needs folds >= 2), then choose among them and "
+        "their ensembles by pooled cross-validation Dice (fedseg/server/phases/selection.py); "
+        "empty: one configuration")
     plan_file: str | None = Field(
         default=None,
         description="use this plan (JSON from 'fedseg plan' or a run's plan.json) instead of "
@@ -133,6 +138,13 @@ class JobConfig(BaseModel):
         description="also write TensorBoard event files to RUN_DIR/tensorboard/ (one run per "
         "site and pooled; needs the optional extra: pip install 'fedseg[tracking]')")
 
+    @field_validator("configurations")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: each configuration once")
+        return v
+
     @field_validator("tensorboard")
     @classmethod
     def _tensorboard_installed(cls, on: bool) -> bool:
@@ -143,13 +155,35 @@ class JobConfig(BaseModel):
         return on
 
     @property
+    def models(self) -> int:
+        """Models the job trains, one after the other: ``folds`` per configuration."""
+        return self.folds * max(1, len(self.configurations))
+
+    @property
     def total_rounds(self) -> int:
-        """Rounds of the whole job: ``rounds`` per fold model."""
-        return self.rounds * self.folds
+        """Rounds of the whole job: ``rounds`` per model."""
+        return self.rounds * self.models
+
+    def model_of(self, rnd: int) -> tuple[int, int]:
+        """(model index, round within that model's ``rounds``) of the job's round ``rnd``
+        (1-based); model m is fold ``m % folds`` of configuration ``m // folds``."""
+        return (rnd - 1) // self.rounds, (rnd - 1) % self.rounds + 1
 
     def fold_of(self, rnd: int) -> tuple[int, int]:
-        """(fold, round within that fold's ``rounds``) of the job's round ``rnd`` (1-based)."""
-        return (rnd - 1) // self.rounds, (rnd - 1) % self.rounds + 1
+        """(fold, round within its model's ``rounds``) of the job's round ``rnd``."""
+        model, local = self.model_of(rnd)
+        return model % self.folds, local
+
+    @model_validator(mode="after")
+    def _selection_needs_folds(self) -> JobConfig:
+        if self.configurations:
+            if self.configuration is not None:
+                raise ValueError("give either configuration (one) or configurations (several "
+                                 "to choose from), not both")
+            if self.folds < 2:
+                raise ValueError("configurations: choosing among configurations needs "
+                                 "cross-validation; set folds = 2 or more (nnU-Net: 5)")
+        return self
 
     @model_validator(mode="after")
     def _dp_reachable(self) -> JobConfig:

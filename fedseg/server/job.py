@@ -94,7 +94,7 @@ class FederatedJob:
         ck_hash = self.restore() if cfg.resume and ctx.run.plan_path.exists() else None
         resuming = ck_hash is not None
         if resuming:
-            ctx.plan = Plan.load(ctx.run.plan_path)
+            crossval.use_plan(ctx, Plan.load(ctx.run.plan_path))
             if ck_hash and ck_hash != ctx.plan.hash():
                 raise FedsegError(
                     f"{ctx.run.checkpoint_path('last')} was made with plan {ck_hash}, but "
@@ -120,28 +120,29 @@ class FederatedJob:
             ctx.log(f"resuming after round {ctx.state.round} of {cfg.total_rounds} "
                     f"(plan {ctx.plan.hash()})")
             ctx.run.log({"phase": "resume", "round": ctx.state.round, "rounds": cfg.total_rounds,
-                         "fold": ctx.state.fold,
+                         "model": ctx.state.model,
                          "plan_hash": ctx.plan.hash(), "sites": len(ctx.sites),
                          "optimizer_state": bool(ctx.opt.m or ctx.opt.v)})
         elif cfg.plan_file:
-            ctx.plan = planning.fixed_plan(ctx, Path(cfg.plan_file))
+            crossval.use_plan(ctx, planning.fixed_plan(ctx, Path(cfg.plan_file)))
         else:
-            ctx.plan = planning.federated_plan(ctx, secure_round=first_secure_round)
+            crossval.use_plan(ctx, planning.federated_plan(ctx, secure_round=first_secure_round))
+        assert ctx.plan is not None
         if not resuming:
             ctx.state.weights = initial_weights(ctx.plan, cfg.seed)
             self.checkpoint()
         prepare(ctx, list(ctx.sites), share_round=ctx.state.round + 1)
         while True:  # one model, or the fold models one after the other (phases/crossval.py)
-            self._rounds(until=(ctx.state.fold + 1) * cfg.rounds)
+            self._rounds(until=(ctx.state.model + 1) * cfg.rounds)
             self._final_evaluation()
-            if cfg.folds == 1:
+            if cfg.models == 1:
                 finish.export(ctx)
                 break
             crossval.finish_fold(ctx)
-            if ctx.state.fold + 1 == cfg.folds:
+            if ctx.state.model + 1 == cfg.models:
                 crossval.finish(ctx)
                 break
-            crossval.start_next_fold(ctx)
+            crossval.start_next_model(ctx)
             self.checkpoint()
         ctx.run.set_status(phase="done", state="finished", round=ctx.state.round)
 
@@ -166,9 +167,9 @@ class FederatedJob:
             nodes = enrolment.wait_for_sites(ctx, cfg.site_wait_s)
             ctx.run.set_status(phase="training", round=rnd,
                                sites={ctx.name(n): "active" for n in nodes})
-            fold, local = cfg.fold_of(rnd)
-            # a model's round 1: its untrained weights (a later fold's: not worth a message)
-            evaluate_first = (local - 1) % cfg.eval_every == 0 and not (fold and local == 1)
+            model, local = cfg.model_of(rnd)
+            # a model's round 1: its untrained weights (a later model's: not worth a message)
+            evaluate_first = (local - 1) % cfg.eval_every == 0 and not (model and local == 1)
             pooled = train_round(ctx, rnd, evaluate_first, nodes)
             if pooled["status"] == "refused" and retries < robust_config(cfg).refused_retries:
                 retries += 1  # implausible sums, not applied (server/plausibility.py)
@@ -227,7 +228,7 @@ class FederatedJob:
             "weights": ctx.state.weights,
             "optimizer": {k: dict(v) for k, v in ctx.opt.state_dict().items()},
             "best_dice": ctx.state.best_dice,
-            "fold": ctx.state.fold,
+            "model": ctx.state.model,
             "plan_hash": ctx.plan.hash() if ctx.plan else "",
         }
         every = ctx.cfg.snapshot_every
@@ -244,5 +245,5 @@ class FederatedJob:
         ctx.state.weights = dict(ck["weights"])
         ctx.opt.load_state_dict(ck.get("optimizer", {}))
         ctx.state.best_dice = float(ck.get("best_dice", -1.0))
-        ctx.state.fold = int(ck.get("fold", 0))
+        ctx.state.model = int(ck.get("model", 0))
         return str(ck.get("plan_hash", ""))

@@ -34,7 +34,7 @@ Log = Callable[[str], None]
 class Site:
     node_id: int
     info: pm.EnrolReply
-    prepared_for: str = ""  # plan hash the site has preprocessed for
+    prepared_for: str = ""  # plan hash(es) the site has preprocessed for (plans_key)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class JobState:
     round: int = 0  # rounds completed
     weights: State = field(default_factory=dict)
     best_dice: float = -1.0
-    fold: int = 0  # cross-validation: the fold model being trained (cfg.folds > 1)
+    model: int = 0  # the model being trained: fold model % folds of configuration model // folds
     # (after round, cases, Dice per class) of the latest pooled evaluation (phases/evaluation.py)
     last_pooled_eval: tuple[int, int, dict[str, float]] | None = None
 
@@ -59,7 +59,9 @@ class JobContext:
     sites: dict[int, Site] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)  # node ids not asked again (a fixed site
     # gets a new id)
-    plan: Plan | None = None
+    plan: Plan | None = None  # the plan the current model trains with
+    # several configurations (cfg.configurations): the plan set to each, in training order
+    plans: dict[str, Plan] = field(default_factory=dict)
     secure: SecureAggregation | None = None  # secure aggregation, when on (job.py)
     privacy: JobAccountant | None = None  # differential privacy (cfg.dp), when on
     bulk: BulkServer | None = None  # bulk arrays over HTTP (cfg.bulk_transport)
@@ -83,8 +85,21 @@ class JobContext:
         up = model_bytes(self.state.weights) + (1 << 20) if upload else None
         return Outbox(self.bulk, arrays, up)
 
-    def active_nodes(self) -> list[int]:
-        """The sites prepared for the current plan."""
+    @property
+    def fold(self) -> int:
+        """The fold of the model being trained (0 without cross-validation)."""
+        return self.state.model % self.cfg.folds
+
+    def job_plans(self) -> list[Plan]:
+        """Every plan the job trains with: one, or one per configuration."""
         assert self.plan is not None
-        h = self.plan.hash()
+        return list(self.plans.values()) or [self.plan]
+
+    def plans_key(self) -> str:
+        """What a site has preprocessed for when it can train every model of the job."""
+        return "+".join(p.hash() for p in self.job_plans())
+
+    def active_nodes(self) -> list[int]:
+        """The sites prepared for the job's plan(s)."""
+        h = self.plans_key()
         return [n for n, s in self.sites.items() if s.prepared_for == h]

@@ -51,6 +51,7 @@ survivors and accounts the release with noise multiplier z·√(m/n) (``dp_epsil
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,7 +205,7 @@ def train_round(ctx: JobContext, rnd: int, evaluate_first: bool,
     nodes = [n for n in nodes if ctx.name(n) in a.mask_reqs]
     # the next round's keys ride on this one, unless a final evaluation comes between (the last
     # round of a fold model: phases/crossval.py), whose own set-up would end them at the sites
-    last_of_model = rnd == cfg.total_rounds or cfg.fold_of(rnd + 1)[0] != cfg.fold_of(rnd)[0]
+    last_of_model = rnd == cfg.total_rounds or cfg.model_of(rnd + 1)[0] != cfg.model_of(rnd)[0]
     next_rid = None if last_of_model else sec.new_round("train", rnd + 1)
     if next_rid:
         sec.next_train[rnd + 1] = next_rid
@@ -301,24 +302,41 @@ def train_round(ctx: JobContext, rnd: int, evaluate_first: bool,
 
 def final_evaluation(ctx: JobContext) -> None:
     """Final evaluation into a secure sum (``per_site_metrics = false``)."""
+    pe = secure_evaluation(ctx, eval_classes(ctx), ctx.state.weights, **final_eval_fields(ctx))
+    if pe is not None:
+        log_pooled_eval(ctx, ctx.state.round, pe)
+
+
+def final_eval_fields(ctx: JobContext) -> dict[str, Any]:
+    """What the final evaluation's request says besides the secure parts: the fold it scores
+    and, with cross-validation, that the sites keep their CV predictions."""
+    return {"fold": ctx.fold, "folds": ctx.cfg.folds, "job_id": ctx.cfg.job_id or
+            Path(ctx.cfg.run_dir).name, "keep_cv_predictions": ctx.cfg.folds > 1}
+
+
+def secure_evaluation(ctx: JobContext, classes: list[str], weights: Any,
+                      what: str = "final evaluation", step: str = "final-eval",
+                      phase: str = "eval", **fields: Any) -> dict | None:
+    """An EVALUATE exchange into a secure sum: ``weights`` to every active site (None: no
+    model travels), each site's ``dice_per_class`` over ``classes`` masked; returns the pooled
+    case-weighted means (``aggregates.pooled_eval``), None when the sum failed or was
+    refused (logged)."""
     sec = secure(ctx)
     assert ctx.plan is not None
     plan_hash = ctx.plan.hash()
     nodes = list(ctx.active_nodes())
-    classes = eval_classes(ctx)
     layout = (0, agg.eval_int_fields(classes))
-    rid = sec.new_round("final-eval", ctx.state.round)
+    rid = sec.new_round(step, ctx.state.round)
     try:
-        nodes = setup(ctx, rid, nodes, layout, "final evaluation").nodes
+        nodes = setup(ctx, rid, nodes, layout, what).nodes
         a = sec.aggs[rid]
         assert a.mask_reqs is not None and a.server is not None
         reqs = a.mask_reqs
-        box = ctx.outbox(ctx.state.weights)  # the model once for every site
+        box = ctx.outbox(weights)  # the model once for every site
         try:
             replies = ctx.net.send(nodes, pm.EVALUATE, box.content_for(lambda nid: pm.EvalRequest(
                 round=ctx.state.round, plan_hash=plan_hash, per_site_metrics=False,
-                fold=ctx.state.fold, folds=ctx.cfg.folds, eval_classes=classes,
-                secagg=sec.part(mask=reqs[ctx.name(nid)]),
+                eval_classes=classes, secagg=sec.part(mask=reqs[ctx.name(nid)]), **fields,
             )), timeout=ctx.cfg.round_timeout_s)
         finally:
             box.close()
@@ -329,18 +347,16 @@ def final_evaluation(ctx: JobContext) -> None:
                                                            arrays.get(pm.SECAGG_VECTOR, np.zeros(0)))):
                 err = a.server.excluded.get(ctx.name(nid), "no masked evaluation")
             if err is not None:
-                ctx.run.log({"phase": "eval", "round": ctx.state.round, "site": ctx.name(nid),
+                ctx.run.log({"phase": phase, "round": ctx.state.round, "site": ctx.name(nid),
                              "status": "dropped", "reason": err})
         res, _ = unmask(ctx, rid, nodes)
     except SecAggAbort as err:
-        event(ctx, step="final-eval", round_id=rid, status="aborted", reason=str(err))
+        event(ctx, step=step, round_id=rid, status="aborted", reason=str(err))
         sec.drop(rid)
-        return
+        return None
     problems = pl.check_sums(res.ints, res.num_clipped, len(res.survivors), 0,
                              pl.robust_config(ctx.cfg))
     if problems:  # a replayed or forged evaluation upload: no pooled evaluation is made of it
-        event(ctx, step="final-eval", round_id=rid, status="refused", reason="; ".join(problems))
-        return
-    pe = agg.pooled_eval(res.ints, classes)
-    if pe is not None:
-        log_pooled_eval(ctx, ctx.state.round, pe)
+        event(ctx, step=step, round_id=rid, status="refused", reason="; ".join(problems))
+        return None
+    return agg.pooled_eval(res.ints, classes)

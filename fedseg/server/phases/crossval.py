@@ -18,6 +18,11 @@ Why sequential rather than interleaved (every round training all K models): meas
 GPU round of 250 iterations is ~15 s per model, so interleaving would save little time but
 multiply every message, upload and secure sum by K, and the memory each site holds by K.
 Sequential fold jobs also finish fold 0 early: a usable model while the others train.
+
+Several configurations (``configurations``, nnU-Net's best-configuration search): the K fold
+models of each configuration in turn (model m is fold m % K of configuration m // K), each
+configuration's plan being the job's plan set to it; then ``phases/selection.py`` chooses among
+the configurations and their ensembles.
 """
 
 from __future__ import annotations
@@ -26,50 +31,72 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.planning.plan import Plan, with_configuration
 from fedseg.server.job_context import JobContext
 from fedseg.server.phases.finish import save_model
 from fedseg.server.phases.initial_model import initial_weights
 from fedseg.server.report import write_report
 
 FOLDS_DIR = "folds"
+CANDIDATES_DIR = "candidates"
 
 
-def fold_dir(ctx: JobContext, fold: int) -> Path:
-    return Path(ctx.cfg.run_dir) / FOLDS_DIR / f"fold_{fold}"
+def configuration_of(ctx: JobContext, model: int | None = None) -> str | None:
+    """The configuration model ``model`` (default: the current one) trains; None: the plan's."""
+    m = ctx.state.model if model is None else model
+    return ctx.cfg.configurations[m // ctx.cfg.folds] if ctx.cfg.configurations else None
+
+
+def use_plan(ctx: JobContext, plan: Plan) -> None:
+    """The job's plan; with several configurations one plan per configuration, and the
+    current model's as ``ctx.plan``."""
+    if ctx.cfg.configurations:
+        ctx.plans = {c: with_configuration(plan, c) for c in ctx.cfg.configurations}
+        ctx.plan = ctx.plans[configuration_of(ctx)]  # type: ignore[index]
+    else:
+        ctx.plan = plan
+
+
+def fold_dir(ctx: JobContext, fold: int, config: str | None = None) -> Path:
+    root = Path(ctx.cfg.run_dir) / FOLDS_DIR
+    return (root / config if config else root) / f"fold_{fold}"
 
 
 def finish_fold(ctx: JobContext) -> None:
-    """After the fold's last round and its final evaluation: its bundle and its score.
-    Idempotent (a resumed job may finish a fold twice)."""
-    f = ctx.state.fold
-    save_model(ctx, fold_dir(ctx, f),
-               f"federated job {ctx.cfg.job_id}, fold {f} of {ctx.cfg.folds}, "
-               f"{ctx.cfg.rounds} rounds")
+    """After the model's last round and its final evaluation: its bundle and its score.
+    Idempotent (a resumed job may finish a model twice)."""
+    f, conf = ctx.fold, configuration_of(ctx)
+    where = fold_dir(ctx, f, conf)
+    save_model(ctx, where, f"federated job {ctx.cfg.job_id}, {conf + ' ' if conf else ''}fold "
+                           f"{f} of {ctx.cfg.folds}, {ctx.cfg.rounds} rounds")
     ev = ctx.state.last_pooled_eval
     rec: dict = {"phase": "fold", "fold": f, "folds": ctx.cfg.folds, "round": ctx.state.round,
-                 "bundle": str(fold_dir(ctx, f))}
+                 "bundle": str(where), **({"configuration": conf} if conf else {})}
     if ev is not None and ev[0] == ctx.state.round:
         rec.update(cases=ev[1], dice=ev[2], mean_dice=float(np.mean(list(ev[2].values()))))
     ctx.run.log(rec)
-    ctx.log(f"fold {f + 1}/{ctx.cfg.folds} done: validation Dice "
+    ctx.log(f"{conf + ' ' if conf else ''}fold {f + 1}/{ctx.cfg.folds} done: validation Dice "
             f"{rec.get('mean_dice', float('nan')):.4f} on {rec.get('cases', 0)} case(s)")
 
 
-def start_next_fold(ctx: JobContext) -> None:
-    """Fresh weights, optimiser and best-so-far for the next fold's model."""
-    ctx.state.fold += 1
+def start_next_model(ctx: JobContext) -> None:
+    """Fresh weights, optimiser and best-so-far for the next model (fold, or configuration)."""
+    ctx.state.model += 1
+    conf = configuration_of(ctx)
+    if conf is not None:
+        ctx.plan = ctx.plans[conf]
     assert ctx.plan is not None
-    ctx.state.weights = initial_weights(ctx.plan, ctx.cfg.seed + ctx.state.fold)
+    ctx.state.weights = initial_weights(ctx.plan, ctx.cfg.seed + ctx.state.model)
     ctx.opt.load_state_dict({})
     ctx.state.best_dice = -1.0
     ctx.state.last_pooled_eval = None
 
 
-def cv_summary(ctx: JobContext) -> dict:
-    """The cross-validation Dice from the fold records: case-weighted over the folds."""
+def cv_summary(ctx: JobContext, config: str | None = None) -> dict:
+    """The cross-validation Dice of ``config``'s folds from their records: case-weighted."""
     folds: dict[int, dict] = {}
     for r in ctx.run.read_metrics():
-        if r.get("phase") == "fold" and "dice" in r:
+        if r.get("phase") == "fold" and "dice" in r and r.get("configuration") == config:
             folds[int(r["fold"])] = r  # the latest record of each fold (resume)
     tot = sum(int(r["cases"]) for r in folds.values())
     classes = sorted({c for r in folds.values() for c in r["dice"]})
@@ -79,26 +106,43 @@ def cv_summary(ctx: JobContext) -> dict:
                 if c in r["dice"] and np.isfinite(float(r["dice"][c]))]
         n = sum(k for _, k in vals)
         dice[c] = float(sum(v * k for v, k in vals) / n) if n else float("nan")
-    rec = {"phase": "cv", "folds": ctx.cfg.folds, "folds_scored": sorted(folds),
-           "cases": tot, "dice": dice,
-           "mean_dice": float(np.mean(list(dice.values()))) if dice else float("nan"),
-           "fold_mean_dice": {str(k): r["mean_dice"] for k, r in sorted(folds.items())}}
-    return rec
+    return {"phase": "cv", "folds": ctx.cfg.folds, "folds_scored": sorted(folds),
+            **({"configuration": config} if config else {}),
+            "cases": tot, "dice": dice,
+            "mean_dice": float(np.mean(list(dice.values()))) if dice else float("nan"),
+            "fold_mean_dice": {str(k): r["mean_dice"] for k, r in sorted(folds.items())}}
 
 
-def finish(ctx: JobContext) -> None:
-    """All folds done: the CV record, the ensemble bundle at ``RUN_DIR/model``, the report."""
+def fold_ensemble(ctx: JobContext, out: Path, config: str | None, cv: dict) -> Path:
+    """The ensemble bundle of ``config``'s fold bundles at ``out`` (rebuilt on resume)."""
     import shutil
 
     from fedseg.models.ensemble import build_ensemble
 
-    rec = cv_summary(ctx)
-    ctx.run.log(rec)
-    ctx.log(f"cross-validation ({ctx.cfg.folds} folds, {rec['cases']} validation cases): "
-            f"Dice {rec['mean_dice']:.4f} {rec['dice']}")
-    out = ctx.run.model_dir
-    shutil.rmtree(out, ignore_errors=True)  # a resumed job rebuilds it
-    build_ensemble({f"fold_{k}": fold_dir(ctx, k) for k in range(ctx.cfg.folds)}, out,
-                   note=f"federated job {ctx.cfg.job_id}: {ctx.cfg.folds}-fold cross-validation "
-                        f"ensemble, CV Dice {rec['mean_dice']:.4f}")
+    shutil.rmtree(out, ignore_errors=True)
+    return build_ensemble(
+        {f"fold_{k}": fold_dir(ctx, k, config) for k in range(ctx.cfg.folds)}, out,
+        note=f"federated job {ctx.cfg.job_id}: {config + ' ' if config else ''}"
+             f"{ctx.cfg.folds}-fold cross-validation ensemble, CV Dice {cv['mean_dice']:.4f}")
+
+
+def finish(ctx: JobContext) -> None:
+    """All models done: the CV record(s) and ``RUN_DIR/model`` (the folds' ensemble; with
+    several configurations the one ``phases/selection.py`` chooses), then the report."""
+    from fedseg.server.phases import selection
+
+    configs: list[str | None] = list(ctx.cfg.configurations) or [None]
+    cvs = {}
+    for conf in configs:
+        rec = cvs[conf] = cv_summary(ctx, conf)
+        ctx.run.log(rec)
+        ctx.log(f"cross-validation{' of ' + conf if conf else ''} ({ctx.cfg.folds} folds, "
+                f"{rec['cases']} validation cases): Dice {rec['mean_dice']:.4f} {rec['dice']}")
+    if configs == [None]:
+        fold_ensemble(ctx, ctx.run.model_dir, None, cvs[None])
+        assert ctx.plan is not None
+        name = ctx.plan.default_configuration
+        selection.decide_postprocessing(ctx, {name: [name]}, name)
+    else:
+        selection.select(ctx, {c: cvs[c] for c in configs if c})  # type: ignore[misc]
     write_report(ctx.run)

@@ -54,7 +54,7 @@ def record_pooled_eval(
 ) -> float:
     """Log the pooled evaluation, update status, keep ``best`` in step; returns mean Dice."""
     mean = float(np.mean(list(dice.values()))) if dice else float("nan")
-    fold = {"fold": ctx.state.fold} if ctx.cfg.folds > 1 else {}
+    fold = {"fold": ctx.fold} if ctx.cfg.folds > 1 else {}
     ctx.run.log({"phase": "eval", "round": after_round, "site": "pooled", "cases": cases,
                  "dice": dice, "hd95": hd95, "mean_dice": mean, **fold, **extra})
     ctx.state.last_pooled_eval = (after_round, cases, dict(dice))
@@ -70,12 +70,22 @@ def record_pooled_eval(
 def final_evaluation(ctx: JobContext) -> None:
     """The final model scored by every site, per site and pooled (the secure sum's version
     without per-site metrics: ``secure_rounds.final_evaluation``)."""
-    assert ctx.plan is not None
-    nodes = list(ctx.sites)
-    req = pm.EvalRequest(round=ctx.state.round, plan_hash=ctx.plan.hash(),
-                         fold=ctx.state.fold, folds=ctx.cfg.folds)
-    box = ctx.outbox(ctx.state.weights)
+    from fedseg.server.secure_rounds import final_eval_fields
+
     ctx.run.set_status(phase="final-evaluation")
+    evals = site_evaluations(ctx, ctx.state.weights, **final_eval_fields(ctx))
+    if evals:
+        log_eval(ctx, ctx.state.round, evals)
+
+
+def site_evaluations(ctx: JobContext, weights: Any, phase: str = "eval",
+                     **fields: Any) -> list[tuple[str, pm.EvalReply]]:
+    """An EVALUATE exchange in clear: ``weights`` (None: no model) to every active site, each
+    site's reply (the sites that failed are logged ``dropped``)."""
+    assert ctx.plan is not None
+    nodes = list(ctx.active_nodes())
+    req = pm.EvalRequest(round=ctx.state.round, plan_hash=ctx.plan.hash(), **fields)
+    box = ctx.outbox(weights)
     try:
         replies = ctx.net.send(nodes, pm.EVALUATE, box.content_for(lambda _: req),
                                timeout=ctx.cfg.round_timeout_s)
@@ -86,10 +96,9 @@ def final_evaluation(ctx: JobContext) -> None:
         r = replies.get(nid)
         err = reply_error(r)
         if err is not None:
-            ctx.run.log({"phase": "eval", "round": ctx.state.round, "site": ctx.name(nid),
+            ctx.run.log({"phase": phase, "round": ctx.state.round, "site": ctx.name(nid),
                          "status": "dropped", "reason": err})
             continue
         rep, _ = unpack(r.content, pm.EvalReply)
         evals.append((rep.site, rep))
-    if evals:
-        log_eval(ctx, ctx.state.round, evals)
+    return evals

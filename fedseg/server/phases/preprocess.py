@@ -7,6 +7,7 @@ its own to set up.
 
 from __future__ import annotations
 
+from fedseg.planning.plan import Plan
 from fedseg.privacy.keys import SecAggAbort
 from fedseg.protocol import messages as pm
 from fedseg.protocol.records import pack, unpack
@@ -18,8 +19,17 @@ from fedseg.server.secure_rounds import prepare_share
 def prepare(ctx: JobContext, node_ids: list[int], share_round: int | None = None) -> list[int]:
     """Preprocess with the plan; returns the nodes that did (the others are dropped and not
     asked again). ``share_round``: the training round whose share-keys step rides along."""
-    plan, sec = ctx.plan, ctx.secure
-    assert plan is not None
+    ok = list(node_ids)
+    for i, plan in enumerate(ctx.job_plans()):  # several: one per configuration trained
+        ok = _prepare_plan(ctx, plan, ok, share_round if i == 0 else None)
+    for nid in ok:
+        ctx.sites[nid].prepared_for = ctx.plans_key()
+    return ok
+
+
+def _prepare_plan(ctx: JobContext, plan: Plan, node_ids: list[int],
+                  share_round: int | None) -> list[int]:
+    sec = ctx.secure
     share = None
     if sec is not None and share_round is not None:
         share = prepare_share(ctx, share_round)
@@ -48,8 +58,7 @@ def prepare(ctx: JobContext, node_ids: list[int], share_round: int | None = None
         rep, _ = unpack(r.content, pm.PrepareReply)
         if rep.secagg is not None and rep.secagg.share_keys is not None:
             shared.append(rep.secagg.share_keys)
-        ctx.sites[nid].prepared_for = plan.hash()
-        ctx.run.log({"phase": "prepare", "site": rep.site, "status": "ok",
+        ctx.run.log({"phase": "prepare", "site": rep.site, "status": "ok", "plan_hash": plan.hash(),
                      "cases": rep.num_cases, "seconds": rep.seconds})
         ok.append(nid)
     if share is not None:
