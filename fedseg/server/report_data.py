@@ -206,7 +206,11 @@ def settings(job: dict[str, Any], plan: dict[str, Any], recs: list[dict[str, Any
         out.append(("spacing (mm)", _fmt_list([round(float(x), 3) for x in conf.get("spacing", [])])))
         out.append(("batch size", str(conf.get("batch_size", "?"))))
         feats = conf.get("features_per_stage") or []
-        out.append(("network", f"U-Net (MONAI DynUNet, nnU-Net's plain U-Net), "
+        net = ("nnU-Net's ResidualEncoderUNet, residual blocks per stage "
+               f"{'-'.join(str(b) for b in conf.get('n_blocks_per_stage') or [])}"
+               if conf.get("architecture") == "ResidualEncoderUNet"
+               else "U-Net (MONAI DynUNet, nnU-Net's plain U-Net)")
+        out.append(("network", f"{net}, "
                                f"{conf.get('n_stages', '?')} stages, features "
                                f"{'-'.join(str(f) for f in feats) or '?'}"))
         chans = plan.get("channel_names") or {}
