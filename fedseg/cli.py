@@ -1,8 +1,8 @@
 """``fedseg``: the command line of one site's pipeline (and, later, the federation simulator).
 
 Sub-commands map one-to-one onto the data flow: ``demo-data`` → ``check-data`` → ``plan`` →
-``train`` → (``ensemble``) → ``predict`` → ``evaluate``; ``simulate`` runs the whole federation
-on loopback; ``report`` redraws a run folder's report.
+``train`` → (``ensemble``) → (``postprocess``) → ``predict`` → ``evaluate``; ``simulate`` runs
+the whole federation on loopback; ``report`` redraws a run folder's report.
 Heavy imports (torch, MONAI) happen inside each command so that ``fedseg --help`` and
 ``check-data`` start quickly. Every :class:`FedsegError` ends as one line on stderr and exit
 code 2 — a user never sees a traceback for a mistake they can fix.
@@ -112,6 +112,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise FedsegError(f"{p}: no such file or folder; give image files or a folder of "
                               "CASE_0000 files (e.g. CASE_0000.nii.gz, CASE_0000.png)")
     source = inputs if len(inputs) > 1 else inputs[0]
+    from fedseg.models.bundle_postprocessing import decision_for, describe
+
+    pp, pp_line = decision_for(models)  # which decision applies (-m A -m B: none)
+    if args.no_postprocess and pp is not None:
+        pp_line = f"postprocessing: off (--no-postprocess; the bundle's: {describe(pp)})"
+    print(pp_line, file=sys.stderr, flush=True)
     if single:
         from fedseg.training.predict import predict_files
 
@@ -123,7 +129,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             last[0] = now
 
         written = predict_files(models[0], source, Path(args.output), device=args.device,
-                                mirror_tta=not args.no_tta, progress=progress)
+                                mirror_tta=not args.no_tta, progress=progress,
+                                postprocess=not args.no_postprocess)
     else:
         from fedseg.training.ensemble_predict import predict_ensemble_files
 
@@ -132,8 +139,37 @@ def _cmd_predict(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         written = predict_ensemble_files(models, source, Path(args.output),
                                          device=args.device, mirror_tta=not args.no_tta,
-                                         progress=_case_line)
+                                         progress=_case_line,
+                                         postprocess=not args.no_postprocess)
     print(f"{len(written)} segmentation(s) written to {args.output}")
+    return 0
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from fedseg.errors import FedsegError
+    from fedseg.models.bundle_files import bundle_kind, check_bundle_folder
+    from fedseg.models.bundle_postprocessing import describe
+    from fedseg.training.postprocess import Postprocessing
+
+    model = Path(args.model)
+    if bundle_kind(model) == "single":
+        check_bundle_folder(model)  # before torch loads
+    for site in args.data:
+        if not (Path(site) / "dataset.json").is_file():
+            raise FedsegError(f"{Path(site) / 'dataset.json'}: missing; give site dataset "
+                              "folder(s) (nnU-Net raw layout with imagesTr/ and labelsTr/)")
+    from fedseg.training.postprocess_eval import decide_into_bundle
+
+    work = Path(args.work) if args.work else model.parent / f".{model.name}.postprocess"
+    res = decide_into_bundle(model, [Path(d) for d in args.data], work, device=args.device,
+                             cases="all" if args.all_cases else "validation")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    pp = Postprocessing.model_validate(res["postprocessing"])
+    fg = res["decision"]["foreground"]
+    print(f"postprocessing written to {model / 'bundle.json'}: {describe(pp)} (decided on "
+          f"{res['validation_cases']} case(s); foreground Dice {fg['before']:.4f} -> "
+          f"{fg['after']:.4f} with the all-foreground step)")
     return 0
 
 
@@ -297,7 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-tta", action="store_true", help="disable mirroring test-time aug.")
+    s.add_argument("--no-postprocess", action="store_true",
+                   help="do not apply the bundle's postprocessing decision ('fedseg "
+                   "postprocess'); with several -m none applies anyway (decided per bundle)")
     s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("postprocess", help="decide nnU-Net's largest-component postprocessing "
+                                           "on sites' validation cases and write it into the "
+                                           "bundle (applied by 'fedseg predict')")
+    s.add_argument("-m", "--model", required=True, metavar="MODEL_DIR",
+                   help="model bundle or ensemble bundle folder (its bundle.json is updated)")
+    s.add_argument("data", nargs="+", help="site dataset folder(s) with imagesTr/ + labelsTr/")
+    s.add_argument("--all-cases", action="store_true",
+                   help="decide on all of imagesTr (sites that did not train the model, e.g. "
+                   "for a cross-validation ensemble), not the validation fifth")
+    s.add_argument("--work", help="folder for the validation predictions (default: beside "
+                   "the bundle, .NAME.postprocess)")
+    s.add_argument("--json", help="also write the decision and the Dice behind it here")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_postprocess)
 
     s = sub.add_parser("ensemble", help="bundle several models (folds, 2d + 3d_fullres) into "
                                         "one ensemble bundle that 'fedseg predict' averages")

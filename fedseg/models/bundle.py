@@ -18,7 +18,7 @@ import torch
 
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
-from fedseg.models.bundle_files import BundleInfo, check_bundle_folder
+from fedseg.models.bundle_files import BundleInfo, check_bundle_folder, info_json
 from fedseg.planning.plan import Plan
 
 __all__ = ["BundleInfo", "bundle_from_checkpoint", "load_bundle", "save_bundle"]
@@ -46,7 +46,7 @@ def save_bundle(
     )
     cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
     _atomic_write_bytes(d / "model.pt", lambda p: torch.save(cpu, p))
-    (d / "bundle.json").write_text(info.model_dump_json(indent=2) + "\n")
+    (d / "bundle.json").write_text(info_json(info))
     return d
 
 

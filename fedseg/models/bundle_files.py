@@ -8,12 +8,15 @@ reads the weights) needs torch, this does not.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fedseg import __version__
+from fedseg.data.labels import label_groups
 from fedseg.errors import FedsegError
+from fedseg.training.postprocess import Postprocessing
 
 BUNDLE_FILES = ("plan.json", "dataset.json", "model.pt", "bundle.json")
 
@@ -26,6 +29,10 @@ class BundleInfo(BaseModel):
     fedseg_version: str = __version__
     trained_iterations: int = 0
     note: str = ""
+    postprocessing: Postprocessing | None = Field(
+        default=None, description="largest-component postprocessing decided for this model "
+        "and applied by 'fedseg predict' (absent: none decided; fedseg.models."
+        "bundle_postprocessing)")
 
 
 def bundle_kind(model_dir: str | Path) -> str:
@@ -57,3 +64,24 @@ def check_bundle_folder(model_dir: str | Path) -> Path:
                 "(made by 'fedseg train' or a federated run)"
             )
     return d
+
+
+def check_postprocessing_labels(pp: Postprocessing, labels: Mapping[str, int | list[int]],
+                                where: str | Path) -> None:
+    """One line naming ``where`` if ``pp`` keeps components of label values that a label map
+    of these ``labels`` never holds (a decision made for another model)."""
+    known = {v for vals in label_groups(labels).values() for v in vals}
+    bad = sorted({v for vals in pp.keep_largest for v in vals} - known)
+    if bad or any(not vals for vals in pp.keep_largest):
+        raise FedsegError(
+            f"{where}: postprocessing label value(s) {bad or '[] (an empty set)'} are not "
+            f"foreground labels of this bundle ({sorted(known)})")
+
+
+def info_json(info: BaseModel) -> str:
+    """``bundle.json`` text of a :class:`BundleInfo` or ensemble info: without the
+    ``postprocessing`` key while none is decided, so an undecided bundle is written exactly as
+    before the field existed (readable by those fedseg versions: the ensemble's schema there
+    forbids unknown fields)."""
+    skip = {"postprocessing"} if getattr(info, "postprocessing", None) is None else None
+    return info.model_dump_json(indent=2, exclude=skip) + "\n"

@@ -42,8 +42,16 @@ from fedseg import __version__
 from fedseg.config_io import load_json_model
 from fedseg.data.dataset_json import DatasetJson
 from fedseg.errors import FedsegError
-from fedseg.models.bundle_files import BUNDLE_FILES, BundleInfo, bundle_kind, check_bundle_folder
+from fedseg.models.bundle_files import (
+    BUNDLE_FILES,
+    BundleInfo,
+    bundle_kind,
+    check_bundle_folder,
+    check_postprocessing_labels,
+    info_json,
+)
 from fedseg.planning.plan import Plan
+from fedseg.training.postprocess import Postprocessing
 
 MEMBERS_DIR = "members"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -78,6 +86,10 @@ class EnsembleInfo(BaseModel):
     members: list[EnsembleMember] = Field(min_length=1)
     fedseg_version: str = __version__
     note: str = ""
+    postprocessing: Postprocessing | None = Field(
+        default=None, description="largest-component postprocessing decided for the "
+        "ensemble's averaged prediction (its members' own decisions never apply to it; "
+        "fedseg.models.bundle_postprocessing)")
 
     @field_validator("members")
     @classmethod
@@ -190,6 +202,7 @@ def build_ensemble(
     bundles: Sequence[str | Path] | Mapping[str, str | Path],
     out_dir: str | Path,
     note: str = "",
+    postprocessing: Postprocessing | None = None,
 ) -> Path:
     """Write an ensemble bundle of ``bundles`` to ``out_dir``; returns ``out_dir``.
 
@@ -201,6 +214,11 @@ def build_ensemble(
     are copied (no training checkpoint). The members are checked compatible BEFORE anything
     is written, and the ensemble appears at ``out_dir`` only when complete (built beside it,
     then renamed). ``out_dir`` must not exist or be empty.
+
+    ``postprocessing``: the decision for the ensemble, if already made (else later, with
+    :func:`fedseg.models.bundle_postprocessing.write_postprocessing`). The members' and any
+    inner ensemble's decisions are not carried over: they were measured on other predictions
+    (each member keeps its own in its ``bundle.json``, which ``fedseg predict`` ignores there).
     """
     named = (list(bundles.items()) if isinstance(bundles, Mapping)
              else [(f"member_{i}", b) for i, b in enumerate(bundles)])
@@ -212,10 +230,12 @@ def build_ensemble(
         else:
             flat.append((name, read_member(folder)))
     check_compatible([m for _, m in flat])
+    if postprocessing is not None:
+        check_postprocessing_labels(postprocessing, flat[0][1].dataset.labels, out_dir)
     info = EnsembleInfo(
         members=[EnsembleMember(name=n, config=m.config, plan_hash=m.plan.hash(),
                                 source=str(m.folder), weight=m.weight) for n, m in flat],
-        note=note,
+        note=note, postprocessing=postprocessing,
     )  # names validated before any copy
 
     out = Path(out_dir)
@@ -229,7 +249,7 @@ def build_ensemble(
             dst.mkdir(parents=True)
             for f in BUNDLE_FILES:
                 shutil.copy2(m.folder / f, dst / f)
-        (tmp / "bundle.json").write_text(info.model_dump_json(indent=2) + "\n")
+        (tmp / "bundle.json").write_text(info_json(info))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -147,12 +147,18 @@ def predict_ensemble_files(
     mirror_tta: bool = True,
     progress: CaseProgressFn | None = None,
     sw_batch_size: int = 1,
+    postprocess: bool = True,
 ) -> list[Path]:
     """``fedseg predict -m A [-m B ...]`` with an ensemble bundle and/or several bundles: every
     case of ``inputs`` segmented with the mean probabilities of all their members, written as
     :func:`fedseg.training.predict.predict_files` writes (the input's format and geometry).
-    ``progress(done, total, case_id, seconds)`` after each case."""
+    ``progress(done, total, case_id, seconds)`` after each case. ``postprocess``: apply the
+    decision :func:`fedseg.models.bundle_postprocessing.decision_for` names (one ensemble
+    bundle's own; none for several ``-m``) to each label map on the original grid."""
+    from fedseg.models.bundle_postprocessing import decision_for
+
     members = resolve_models(model_dirs)
+    pp = decision_for(model_dirs)[0] if postprocess else None
     cases = group_inputs(inputs, members[0].dataset)
     predictor = EnsemblePredictor(members, device, mirror_tta, sw_batch_size)
     out_dir = Path(out_dir)
@@ -160,6 +166,8 @@ def predict_ensemble_files(
     for i, files in enumerate(cases):
         t0 = time.perf_counter()
         seg = probabilities_to_segmentation(predictor.probabilities(files), predictor.layout)
+        if pp is not None:
+            seg = pp.apply(seg)
         ref = files.images[0]
         ending = ending_of(ref.name) or members[0].dataset.file_ending
         written.append(write_like(seg, ref, out_dir / f"{files.case_id}{ending}"))

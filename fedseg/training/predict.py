@@ -361,16 +361,19 @@ def predict_files(
     mirror_tta: bool = True,
     progress: ProgressFn | None = None,
     sw_batch_size: int = 1,
+    postprocess: bool = True,
 ) -> list[Path]:
     """Segment every case of ``inputs`` with the bundle in ``model_dir``; returns written files.
 
     Output: ``OUT_DIR/CASE<ending>`` per case in the input's format, integer labels (uint8
     when they fit), with the input's shape and geometry (NIfTI: affine and header; SimpleITK
     formats: spacing, origin, direction; PNG: the image's size). ``progress(done, total)`` is
-    called after each case.
+    called after each case. ``postprocess``: apply the bundle's postprocessing decision (if
+    it has one) to each label map on the original grid, as nnU-Net does after export.
     """
     model_dir = Path(model_dir)
     plan, ds, state, info = load_bundle_checked(model_dir)  # a missing folder: one line too
+    pp = info.postprocessing if postprocess else None
     config = info.config or plan.default_configuration
     cfg = plan.config(config)
     if len(ds.channel_names) != len(plan.channel_names):
@@ -396,6 +399,8 @@ def predict_files(
             logits = predict_logits(pc.data, net, cfg.patch_size, dev, mirror_tta, sw_batch_size)
             seg = logits_to_segmentation(logits, pc.properties, plan)
             del logits, pc
+            if pp is not None:
+                seg = pp.apply(seg)
             ref = files.images[0]
             ending = ending_of(ref.name) or plan.file_ending
             written.append(write_like(seg, ref, out_dir / f"{files.case_id}{ending}"))

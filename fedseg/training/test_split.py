@@ -33,7 +33,9 @@ def score_sites(
     "case_metrics": [{class: {Dice, HD95}}, ...]}}`` for each site with a test split; the
     per-case JSON of ``fedseg evaluate`` goes to ``work/SITE.json``. ``postprocessing`` (decided
     beforehand, on validation cases: :mod:`fedseg.training.postprocess_eval`) is applied to
-    the predictions before they are scored."""
+    the predictions before they are scored, INSTEAD of the decision the bundle records; None:
+    the bundle's own decision, if any, as ``fedseg predict`` applies it (``Postprocessing()``
+    scores the raw predictions)."""
     from fedseg.models.bundle_files import bundle_kind
     from fedseg.training.ensemble_predict import predict_ensemble_files
     from fedseg.training.evaluate import evaluate_folders, json_safe
@@ -46,9 +48,12 @@ def score_sites(
         if not has_test_split(site):
             continue
         pred = work / "predictions" / site.name
-        written = (predict_ensemble_files([model_dir], site / "imagesTs", pred, device=device)
+        own = postprocessing is None  # the bundle's decision, else the given one instead
+        written = (predict_ensemble_files([model_dir], site / "imagesTs", pred, device=device,
+                                          postprocess=own)
                    if ensemble else
-                   predict_files(model_dir, site / "imagesTs", pred, device=device, mirror_tta=True))
+                   predict_files(model_dir, site / "imagesTs", pred, device=device,
+                                 mirror_tta=True, postprocess=own))
         if postprocessing is not None:
             apply_to_files(written, postprocessing)
         res = evaluate_folders(pred, site / "labelsTs", work / f"{site.name}.json")
