@@ -231,3 +231,23 @@ def test_evaluate_cases_adds_the_candidates_dice_from_the_same_prediction(
 
     with pytest.raises(ValueError, match="classes"):
         evaluate_cases(net, plan, ds, ids[:1], dev, postprocess_sums=DiceSums.empty({"1": [1]}))
+
+
+def test_fedseg_postprocess_on_an_ensemble_with_all_cases(trained: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    from fedseg.models.bundle_postprocessing import read_postprocessing
+    from fedseg.models.ensemble import build_ensemble
+
+    ens = build_ensemble([trained["model"], trained["model"]], tmp_path / "ens")
+    res = fedseg("postprocess", "-m", str(ens), str(trained["site"]), "--all-cases",
+                 "--work", str(tmp_path / "work"), "--json", str(tmp_path / "ens.json"),
+                 "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "decided on 5 case(s)" in res.stdout  # all of imagesTr, not the fifth
+    single = _copy(trained["model"], tmp_path / "single")
+    res = fedseg("postprocess", "-m", str(single), str(trained["site"]), "--all-cases",
+                 "--work", str(tmp_path / "work1"), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    # two copies of one model: the same label maps, so the same decision as the model alone
+    assert read_postprocessing(ens) == read_postprocessing(single) is not None
+    assert read_postprocessing(ens / "members" / "member_0") is None  # members untouched
