@@ -49,7 +49,15 @@ from fedseg.server.bulk_server import BulkServer
 from fedseg.server.config import JobConfig
 from fedseg.server.job_context import JobContext, Log
 from fedseg.server.messaging import Messenger
-from fedseg.server.phases import crossval, enrolment, evaluation, finish, planning, training
+from fedseg.server.phases import (
+    crossval,
+    enrolment,
+    evaluation,
+    finish,
+    planning,
+    selection,
+    training,
+)
 from fedseg.server.phases.initial_model import initial_weights
 from fedseg.server.phases.preprocess import prepare
 from fedseg.server.plausibility import robust_config
@@ -140,7 +148,7 @@ class FederatedJob:
                 break
             crossval.finish_fold(ctx)
             if ctx.state.model + 1 == cfg.models:
-                crossval.finish(ctx)
+                selection.finish(ctx)
                 break
             crossval.start_next_model(ctx)
             self.checkpoint()

@@ -51,7 +51,6 @@ survivors and accounts the release with noise multiplier z·√(m/n) (``dp_epsil
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +68,7 @@ from fedseg.server import plausibility as pl
 from fedseg.server import secure_apply
 from fedseg.server.config import train_request_fields
 from fedseg.server.job_context import JobContext
+from fedseg.server.phases.evaluation import final_eval_fields
 from fedseg.server.phases.training import train_exchange
 from fedseg.server.secure_apply import eval_classes, log_pooled_eval, shapes
 from fedseg.server.secure_steps import event, reply_part, secure, setup, unmask
@@ -305,13 +305,6 @@ def final_evaluation(ctx: JobContext) -> None:
     pe = secure_evaluation(ctx, eval_classes(ctx), ctx.state.weights, **final_eval_fields(ctx))
     if pe is not None:
         log_pooled_eval(ctx, ctx.state.round, pe)
-
-
-def final_eval_fields(ctx: JobContext) -> dict[str, Any]:
-    """What the final evaluation's request says besides the secure parts: the fold it scores
-    and, with cross-validation, that the sites keep their CV predictions."""
-    return {"fold": ctx.fold, "folds": ctx.cfg.folds, "job_id": ctx.cfg.job_id or
-            Path(ctx.cfg.run_dir).name, "keep_cv_predictions": ctx.cfg.folds > 1}
 
 
 def secure_evaluation(ctx: JobContext, classes: list[str], weights: Any,

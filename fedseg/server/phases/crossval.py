@@ -35,7 +35,6 @@ from fedseg.planning.plan import Plan, with_configuration
 from fedseg.server.job_context import JobContext
 from fedseg.server.phases.finish import save_model
 from fedseg.server.phases.initial_model import initial_weights
-from fedseg.server.report import write_report
 
 FOLDS_DIR = "folds"
 CANDIDATES_DIR = "candidates"
@@ -124,25 +123,3 @@ def fold_ensemble(ctx: JobContext, out: Path, config: str | None, cv: dict) -> P
         {f"fold_{k}": fold_dir(ctx, k, config) for k in range(ctx.cfg.folds)}, out,
         note=f"federated job {ctx.cfg.job_id}: {config + ' ' if config else ''}"
              f"{ctx.cfg.folds}-fold cross-validation ensemble, CV Dice {cv['mean_dice']:.4f}")
-
-
-def finish(ctx: JobContext) -> None:
-    """All models done: the CV record(s) and ``RUN_DIR/model`` (the folds' ensemble; with
-    several configurations the one ``phases/selection.py`` chooses), then the report."""
-    from fedseg.server.phases import selection
-
-    configs: list[str | None] = list(ctx.cfg.configurations) or [None]
-    cvs = {}
-    for conf in configs:
-        rec = cvs[conf] = cv_summary(ctx, conf)
-        ctx.run.log(rec)
-        ctx.log(f"cross-validation{' of ' + conf if conf else ''} ({ctx.cfg.folds} folds, "
-                f"{rec['cases']} validation cases): Dice {rec['mean_dice']:.4f} {rec['dice']}")
-    if configs == [None]:
-        fold_ensemble(ctx, ctx.run.model_dir, None, cvs[None])
-        assert ctx.plan is not None
-        name = ctx.plan.default_configuration
-        selection.decide_postprocessing(ctx, {name: [name]}, name)
-    else:
-        selection.select(ctx, {c: cvs[c] for c in configs if c})  # type: ignore[misc]
-    write_report(ctx.run)

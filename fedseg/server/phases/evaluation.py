@@ -11,6 +11,7 @@ the pooled scores come from a secure sum instead (``server/secure_rounds.py``) a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,12 +71,17 @@ def record_pooled_eval(
 def final_evaluation(ctx: JobContext) -> None:
     """The final model scored by every site, per site and pooled (the secure sum's version
     without per-site metrics: ``secure_rounds.final_evaluation``)."""
-    from fedseg.server.secure_rounds import final_eval_fields
-
     ctx.run.set_status(phase="final-evaluation")
     evals = site_evaluations(ctx, ctx.state.weights, **final_eval_fields(ctx))
     if evals:
         log_eval(ctx, ctx.state.round, evals)
+
+
+def final_eval_fields(ctx: JobContext) -> dict[str, Any]:
+    """What the final evaluation's request says besides the secure parts: the fold it scores
+    and, with cross-validation, that the sites keep their CV predictions."""
+    return {"fold": ctx.fold, "folds": ctx.cfg.folds, "job_id": ctx.cfg.job_id or
+            Path(ctx.cfg.run_dir).name, "keep_cv_predictions": ctx.cfg.folds > 1}
 
 
 def site_evaluations(ctx: JobContext, weights: Any, phase: str = "eval",

@@ -34,11 +34,33 @@ from typing import Any
 import numpy as np
 
 from fedseg.server.job_context import JobContext
-from fedseg.server.phases.crossval import CANDIDATES_DIR, fold_ensemble
-from fedseg.server.phases.evaluation import site_evaluations
+from fedseg.server.phases.crossval import CANDIDATES_DIR, cv_summary, fold_ensemble
+from fedseg.server.phases.evaluation import final_eval_fields, site_evaluations
+from fedseg.server.report import write_report
 from fedseg.server.secure_apply import eval_classes
 
 PP = "pp"  # the key prefix of the postprocessing candidates' Dice (cv_predictions.py)
+
+
+def finish(ctx: JobContext) -> None:
+    """All models of a cross-validation done: the CV record(s) and ``RUN_DIR/model`` (the
+    folds' ensemble, or with several configurations the chosen candidate), its postprocessing
+    decision, then the report."""
+    configs: list[str | None] = list(ctx.cfg.configurations) or [None]
+    cvs = {}
+    for conf in configs:
+        rec = cvs[conf] = cv_summary(ctx, conf)
+        ctx.run.log(rec)
+        ctx.log(f"cross-validation{' of ' + conf if conf else ''} ({ctx.cfg.folds} folds, "
+                f"{rec['cases']} validation cases): Dice {rec['mean_dice']:.4f} {rec['dice']}")
+    if configs == [None]:
+        fold_ensemble(ctx, ctx.run.model_dir, None, cvs[None])
+        assert ctx.plan is not None
+        name = ctx.plan.default_configuration
+        decide_postprocessing(ctx, {name: [name]}, name)
+    else:
+        select(ctx, {c: cvs[c] for c in configs if c})  # type: ignore[misc]
+    write_report(ctx.run)
 
 
 def candidates(configs: list[str]) -> dict[str, list[str]]:
@@ -54,7 +76,7 @@ def pooled_scores(ctx: JobContext, cands: dict[str, list[str]], classes: list[st
     """(pooled mean Dice per key, validation cases) of the candidates, scored at the sites on
     their kept CV predictions: secure sum when per-site metrics are off, else in clear (and
     logged per site)."""
-    from fedseg.server.secure_rounds import final_eval_fields, secure_evaluation
+    from fedseg.server.secure_rounds import secure_evaluation
 
     keys = [f"{n}/{k}" for n in cands for k in classes]
     keys += [f"{PP}/{v}/{k}" for v in pp_names for k in classes]
