@@ -167,3 +167,24 @@ def test_federated_selection_among_configurations_and_their_ensemble(tmp_path: P
         np.testing.assert_allclose(pens[case], mean, rtol=0, atol=1e-5)
         written, _, _ = load_image(pred / f"{case}.nii.gz")
         assert np.array_equal(written[0], mean.argmax(0))
+
+
+def test_job_rounds_are_numbered_on_across_the_models() -> None:
+    from pydantic import ValidationError
+
+    from fedseg.server.config import JobConfig, train_request_fields
+
+    cfg = JobConfig(run_dir="r", rounds=3, local_iterations=10, folds=2,
+                    configurations=["3d_fullres", "2d"])
+    assert (cfg.models, cfg.total_rounds) == (4, 12)
+    assert [cfg.model_of(r) for r in (1, 3, 4, 12)] == [(0, 1), (0, 3), (1, 1), (3, 3)]
+    assert [cfg.fold_of(r)[0] for r in range(1, 13)] == [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3
+    f = train_request_fields(cfg, "h", 8, False)  # model 2 (2d, fold 0), its round 2
+    assert (f["fold"], f["folds"], f["global_iteration_start"], f["global_total_iterations"]) \
+        == (0, 2, 10, 30)
+    with pytest.raises(ValidationError, match="needs cross-validation"):
+        JobConfig(run_dir="r", configurations=["3d_fullres", "2d"])
+    with pytest.raises(ValidationError, match="not both"):
+        JobConfig(run_dir="r", folds=2, configuration="2d", configurations=["2d"])
+    with pytest.raises(ValidationError, match="each configuration once"):
+        JobConfig(run_dir="r", folds=2, configurations=["2d", "2d"])
