@@ -96,7 +96,7 @@ def test_two_fold_federated_cv_writes_an_ensemble_of_its_folds(tmp_path: Path) -
     assert sorted(pens) == sorted(p0) and len(pens) >= 2
     pred = tmp_path / "pred"
     r = fedseg("predict", "-m", str(run / "model"), "-i", str(ts), "-o", str(pred),
-               "--device", "cpu")
+               "--device", "cpu", "--no-postprocess")
     assert r.returncode == 0, r.stderr
     from fedseg.data.dataset import load_image
 
@@ -160,7 +160,7 @@ def test_federated_selection_among_configurations_and_their_ensemble(tmp_path: P
     pens = case_probabilities([run / "model"], ts, device="cpu")
     pred = tmp_path / "pred"
     r = fedseg("predict", "-m", str(run / "model"), "-i", str(ts), "-o", str(pred),
-               "--device", "cpu")
+               "--device", "cpu", "--no-postprocess")
     assert r.returncode == 0, r.stderr
     for case in pens:
         mean = sum(p[case] for p in each) / len(each)
