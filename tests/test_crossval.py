@@ -25,6 +25,20 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 ENV.pop("FEDSEG_FAULT_INJECT", None)
 
 
+def _simulate(out: Path, *args: str) -> tuple[Path, list[dict]]:
+    """``fedseg simulate`` with 2 demo sites, 2 rounds x 3 iterations per model, secure
+    aggregation on, per-site metrics off; (the run folder, its metrics records)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "2", "--rounds", "2",
+         "--local-iterations", "3", "--out", str(out), "--device", "cpu", "--timeout", "900",
+         "--per-site-metrics", "off", *args],
+        capture_output=True, text=True, timeout=1000, env=ENV,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = out / "run"
+    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("n,folds", [(10, 2), (10, 5), (7, 3), (2, 5)])
 def test_fold_split_validates_every_case_once(n: int, folds: int) -> None:
     ids = [f"case_{i:03d}" for i in range(n)]
@@ -46,15 +60,7 @@ def test_two_fold_federated_cv_writes_an_ensemble_of_its_folds(tmp_path: Path) -
     from fedseg.training.ensemble_predict import case_probabilities
 
     out = tmp_path / "sim"
-    res = subprocess.run(
-        [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "2", "--rounds", "2",
-         "--local-iterations", "3", "--eval-every", "1", "--folds", "2", "--out", str(out),
-         "--device", "cpu", "--timeout", "900", "--per-site-metrics", "off"],
-        capture_output=True, text=True, timeout=1000, env=ENV,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = out / "run"
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, recs = _simulate(out, "--eval-every", "1", "--folds", "2")
 
     # both folds trained, 2 rounds each, numbered on (fold 1's rounds are 3 and 4)
     ok = [r["round"] for r in recs if r["phase"] == "train" and r["site"] == "pooled"
@@ -115,15 +121,7 @@ def test_federated_selection_among_configurations_and_their_ensemble(tmp_path: P
     out = tmp_path / "sim"
     job = tmp_path / "job.toml"
     job.write_text('folds = 2\nconfigurations = ["3d_fullres", "2d"]\n')
-    res = subprocess.run(
-        [sys.executable, "-m", "fedseg.cli", "simulate", "--sites", "2", "--rounds", "2",
-         "--local-iterations", "3", "--eval-every", "2", "--out", str(out), "--device", "cpu",
-         "--timeout", "900", "--per-site-metrics", "off", "--job-config", str(job)],
-        capture_output=True, text=True, timeout=1000, env=ENV,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = out / "run"
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, recs = _simulate(out, "--eval-every", "2", "--job-config", str(job))
     ok = [r["round"] for r in recs if r["phase"] == "train" and r["site"] == "pooled"
           and r.get("status") == "ok"]
     assert ok == list(range(1, 9))  # 2 configurations x 2 folds x 2 rounds, numbered on
