@@ -60,8 +60,10 @@ def history(ctx: JobContext) -> dict[str, Any]:
 
 def counts_per_round(ctx: JobContext) -> bool:
     """True when N is unknown: the job had no secure fingerprint (``plan_file``) or its run
-    folder predates the count in it; then each round still sums and divides by Σ n_i."""
-    if ctx.secure is None:
+    folder predates the count in it, or a cross-validation (``folds`` > 1: the fingerprint's N
+    counts the one-model split's training cases, not a fold's); then each round still sums and
+    divides by Σ n_i."""
+    if ctx.secure is None or ctx.cfg.folds > 1:
         return True
     return history(ctx)["cases"] is None
 
