@@ -320,3 +320,173 @@ def test_console_summary_and_colours(tmp_path: Path) -> None:
     assert out.splitlines()[-1].startswith(f"report: {root / 'report.html'}")
     assert site_colours(["siteB", "siteA"]) == site_colours(["siteA", "siteB"])
     assert site_colours(["x"])["pooled"] == site_colours(["a", "b", "c"])["pooled"] == POOLED_COLOUR
+
+
+# ------------------------------------------------- cross-validation and model selection
+CV_FOLDS = {("3d_fullres", 0): (2, 0.106, 0.008), ("3d_fullres", 1): (4, 0.413, 0.012),
+            ("2d", 0): (6, 0.105, 0.007), ("2d", 1): (8, 0.0004, 0.010)}
+
+
+def _cv_run_folder(root: Path, configurations: bool, test_scores: bool = True) -> Path:
+    """A finished 2-fold run as the job logs it (values from a real tiny run): with
+    ``configurations``, 3d_fullres and 2d, the selection among them (per-site records too) and
+    postprocessing keeping the largest foreground and lesion components; without, the 3d_fullres
+    folds only, and postprocessing naming the plan's configuration."""
+    run = RunDir(root)
+    confs = ["3d_fullres", "2d"] if configurations else []
+    (root / "plan.json").write_text(json.dumps({
+        "dataset_name": "d", "labels": {"background": 0, "liver": 1, "tumour": 2},
+        "channel_names": {"0": "CT"}, "num_training_cases": 20,
+        "configurations": {"3d_fullres": {"patch_size": [28, 32, 32], "batch_size": 2},
+                           "2d": {"patch_size": [48, 48], "batch_size": 12}}}))
+    (root / "job.json").write_text(json.dumps({
+        "rounds": 2, "folds": 2, "configurations": confs, "local_iterations": 3,
+        "secure_aggregation": True, "per_site_metrics": False, "dp": {"enabled": False}}))
+    models = [k for k in CV_FOLDS if configurations or k[0] == "3d_fullres"]
+    last = 2 * len(models)
+    run.set_status(state="finished", phase="done", round=last, rounds=last)
+    for site in ("siteA", "siteB"):
+        run.log({"phase": "enrol", "site": site, "status": "ok", "round": 1})
+    run.log({"phase": "eval", "round": 0, "site": "pooled", "cases": 10, "fold": 0,
+             "dice": {"1": 0.071, "2": 0.013}, "hd95": {"1": 20.0, "2": 23.5}})
+    for conf, fold in models:
+        rnd, d1, d2 = CV_FOLDS[(conf, fold)]
+        for r in (rnd - 1, rnd):
+            run.log({"phase": "train", "round": r, "site": "pooled", "loss": 1.0 + r / 10})
+        run.log({"phase": "eval", "round": rnd, "site": "pooled", "cases": 10, "fold": fold,
+                 "dice": {"1": d1, "2": d2}, "hd95": {"1": 15.0, "2": 25.0}})
+        run.log({"phase": "fold", "fold": fold, "folds": 2, "round": rnd,
+                 "bundle": str(root / "folds" / conf / f"fold_{fold}"), "cases": 10,
+                 "dice": {"1": d1, "2": d2}, "mean_dice": (d1 + d2) / 2,
+                 **({"configuration": conf} if configurations else {})})
+    run.log({"phase": "cv", "folds": 2, "folds_scored": [0, 1], "cases": 20,
+             "dice": {"1": 0.2596, "2": 0.0103}, "mean_dice": 0.135,
+             "fold_mean_dice": {"0": 0.057, "1": 0.213},
+             **({"configuration": "3d_fullres"} if configurations else {})})
+    if configurations:
+        run.log({"phase": "cv", "folds": 2, "folds_scored": [0, 1], "cases": 20,
+                 "configuration": "2d", "dice": {"1": 0.0526, "2": 0.0085}, "mean_dice": 0.031,
+                 "fold_mean_dice": {"0": 0.056, "1": 0.005}})
+        for site, v in (("siteA", 0.3), ("siteB", 0.5)):
+            run.log({"phase": "selection", "site": site, "cases": 10,
+                     "dice": {"2d/1": 0.04, "2d/2": 0.0, "3d_fullres/1": v, "3d_fullres/2": 0.1,
+                              "3d_fullres+2d/1": 0.2, "3d_fullres+2d/2": 0.0,
+                              "pp/foreground/1": 0.9}})
+        run.log({"phase": "selection", "site": "pooled", "cases": 20, "chosen": "3d_fullres",
+                 "secure_aggregation": True, "candidates": {
+                     "2d": {"configurations": ["2d"], "dice": {"1": 0.0411, "2": 0.0094},
+                            "mean_dice": 0.0252},
+                     "3d_fullres": {"configurations": ["3d_fullres"],
+                                    "dice": {"1": 0.3995, "2": 0.0063}, "mean_dice": 0.2029},
+                     "3d_fullres+2d": {"configurations": ["3d_fullres", "2d"],
+                                       "dice": {"1": 0.3521, "2": 0.0068}, "mean_dice": 0.17945}}})
+    run.log({"phase": "postprocessing", "candidate": "3d_fullres", "cases": 20,
+             "keep_largest": [[1, 2], [2]], "report": {
+                 "foreground": {"before": 0.2029, "after": 0.2101, "applied": True},
+                 "classes": {"1": {"before": 0.4101, "after": 0.4052, "applied": False},
+                             "2": {"before": 0.0101, "after": 0.0151, "applied": True}}}})
+    if test_scores:
+        site = {"cases": 4, "mean": {"1": {"Dice": 0.744, "HD95": 3.78, "HD95_missing": 0},
+                                     "2": {"Dice": 0.024, "HD95": 19.1, "HD95_missing": 0}},
+                "foreground_mean": {"Dice": 0.384, "HD95": 11.4, "HD95_missing": 0}}
+        (root / "test_scores.json").write_text(json.dumps({"siteA": site, "siteB": site}))
+    return root
+
+
+def _rows(page: Page, ident: str) -> list[dict[str, str]]:
+    head, *rows = page.tables[ident]
+    return [dict(zip(head, r, strict=True)) for r in rows]
+
+
+def test_cv_report_shows_folds_selection_and_postprocessing(tmp_path: Path) -> None:
+    root = _cv_run_folder(tmp_path / "run", configurations=True)
+    res = fedseg("report", str(root))  # what an operator runs: the section is redrawn
+    assert res.returncode == 0, res.stderr
+    page = parse(root / "report.html")
+    folds = _rows(page, "cv-folds")
+    assert [(r["configuration"], r["fold"], r["rounds"]) for r in folds] == [
+        ("3d_fullres", "0", "1-2"), ("3d_fullres", "1", "3-4"), ("2d", "0", "5-6"),
+        ("2d", "1", "7-8")]
+    assert folds[1] == {"configuration": "3d_fullres", "fold": "1", "rounds": "3-4",
+                        "validation cases": "10", "Dice liver": "0.413", "Dice tumour": "0.012",
+                        "Dice mean": "0.212"}  # the class names, never the label values
+    cv = _rows(page, "cv")
+    assert [(r["configuration"], r["Dice liver"], r["Dice tumour"], r["Dice mean"],
+             r["validation cases"], r["folds scored"]) for r in cv] == [
+        ("3d_fullres", "0.260", "0.010", "0.135", "20", "2 of 2"),
+        ("2d", "0.053", "0.009", "0.031", "20", "2 of 2")]
+    sel = _rows(page, "selection")
+    assert [(r["candidate"], r["configurations"], r["Dice liver"], r["Dice mean"], r["chosen"])
+            for r in sel] == [("2d", "2d", "0.041", "0.025", ""),
+                              ("3d_fullres", "3d_fullres", "0.400", "0.203", "chosen"),
+                              ("3d_fullres+2d", "3d_fullres + 2d", "0.352", "0.179", "")]
+    per_site = _rows(page, "selection-sites")  # per-site records: mean over the classes
+    assert [(r["site"], r["3d_fullres Dice mean"], r["2d Dice mean"]) for r in per_site] == [
+        ("siteA", "0.200", "0.020"), ("siteB", "0.300", "0.020")]
+    pp = _rows(page, "postprocessing")
+    assert [list(r.values()) for r in pp] == [
+        ["all foreground (mean Dice)", "0.203", "0.210", "yes"],
+        ["liver (its Dice)", "0.410", "0.405", "no"], ["tumour (its Dice)", "0.010", "0.015", "yes"]]
+    text = (root / "report.html").read_text()
+    assert "Decision: keep the largest component of all foreground, tumour." in text
+    assert "Cross-validation and model selection" in text
+    # the final line names the selected ensemble; per-round rows name their model
+    final_title = "Final result: the final model, the selected ensemble 3d_fullres (its 2 fold models)"
+    assert final_title in text
+    rounds = _rows(page, "rounds-1")
+    assert [(r["round"], r["model"], r["pooled Dice"]) for r in rounds] == [
+        ("0", "3d_fullres fold 0 (untrained)", "0.013"), ("2", "3d_fullres fold 0", "0.008"),
+        ("4", "3d_fullres fold 1", "0.012"), ("6", "2d fold 0", "0.007"),
+        ("8", "2d fold 1", "0.010")]
+    assert [r["model"] for r in _rows(page, "loss")][2:4] == ["3d_fullres fold 1"] * 2
+    assert ("3d_fullres fold 0: rounds 1-2; 3d_fullres fold 1: rounds 3-4; 2d fold 0: rounds "
+            "5-6; 2d fold 1: rounds 7-8") in text
+    settings = dict(page.tables["settings"][1:])
+    assert settings["rounds"] == "8 done of 8: 4 models (2 configurations x 2 folds), 2 rounds each"
+    assert settings["patch size (voxels)"] == "3d_fullres: 28 x 32 x 32; 2d: 48 x 48"
+    md = (root / "report.md").read_text()
+    assert md.index("## Cross-validation and model selection") < md.index("## Per round")
+    for line in ("| 3d_fullres | 1 | 3-4 | 10 | 0.413 | 0.012 | 0.212 |",
+                 "| 3d_fullres | 2 of 2 | 20 | 0.260 | 0.010 | 0.135 |",
+                 "| 3d_fullres | 3d_fullres | 0.400 | 0.006 | 0.203 | chosen |",
+                 "| all foreground (mean Dice) | 0.203 | 0.210 | yes |",
+                 "| 4 | 3d_fullres fold 1 | 0.413 | 15.00 |",
+                 f"## {final_title}", "### Model selection: each candidate on the pooled CV "
+                 "predictions (20 cases)"):
+        assert line in md, line
+
+
+def test_cv_report_of_folds_alone(tmp_path: Path) -> None:
+    """Folds without configurations: no configuration column, no selection, the folds'
+    ensemble is the final model; without test scores the final table says whose validation
+    it is."""
+    root = _cv_run_folder(tmp_path / "run", configurations=False, test_scores=False)
+    _, page_path = write_reports(root)
+    page = parse(page_path)
+    assert [list(r.values()) for r in _rows(page, "cv-folds")] == [
+        ["0", "1-2", "10", "0.106", "0.008", "0.057"], ["1", "3-4", "10", "0.413", "0.012", "0.212"]]
+    assert page.tables["cv-folds"][0][0] == "fold"
+    assert _rows(page, "cv")[0]["Dice mean"] == "0.135"
+    assert "selection" not in page.tables and "selection-sites" not in page.tables
+    assert "Postprocessing, decided on 3d_fullres's pooled CV Dice (20 cases)" in \
+        page_path.read_text().replace("&#x27;", "'")
+    text = page_path.read_text()
+    assert ("Final result: validation cases of the model fold 1 after round 4 (no test split "
+            "scored); the final model is the ensemble of the 2 fold models") in text
+    assert [r["model"] for r in _rows(page, "rounds-2")] == ["fold 0 (untrained)", "fold 0",
+                                                             "fold 1"]
+    assert dict(page.tables["settings"][1:])["rounds"] == "4 done of 4: 2 models (2 folds), 2 rounds each"
+
+
+def test_run_without_cv_has_no_cv_section(tmp_path: Path) -> None:
+    root = _run_folder(tmp_path / "run", test_missing=False, counted=True)
+    md_path, page_path = write_reports(root)
+    page = parse(page_path)
+    text, md = page_path.read_text(), md_path.read_text()
+    assert "Cross-validation" not in text and "Cross-validation" not in md
+    assert not {"cv-folds", "cv", "selection", "postprocessing"} & set(page.tables)
+    assert page.tables["rounds-0"][0] == ["round", "siteA Dice", "siteA HD95", "siteB Dice",
+                                          "siteB HD95", "pooled Dice", "pooled HD95"]
+    assert "rounds-note" not in text and "numbered on across" not in md
+    assert "Final result: validation cases after round 2 (no test split scored)" in text
+    assert dict(page.tables["settings"][1:])["rounds"] == "2 done of 2"

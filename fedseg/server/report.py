@@ -5,8 +5,10 @@ Reading only the run folder (``metrics.jsonl``, ``plan.json``, ``job.json``, ``s
 ``test_scores.json``), not the job's memory, means a report can be redrawn for any run, also a
 crashed or a running one, with ``fedseg report RUN_DIR``. The job writes it when it exports the
 model; ``fedseg simulate`` writes it again once the test cases are scored, so that the final
-table is on cases no model trained on. What is read: :mod:`report_data`; the tables:
-:mod:`report_tables`; the figure: :mod:`report_plots`; the page: :mod:`report_html`.
+table is on cases no model trained on. What is read: :mod:`report_data` (a cross-validation's
+records: :mod:`report_cv_data`); the tables: :mod:`report_tables` (the cross-validation and
+model-selection section: :mod:`report_cv_tables`); the figure: :mod:`report_plots`; the
+page: :mod:`report_html`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from fedseg.errors import FedsegError
 from fedseg.server import report_data
+from fedseg.server.report_cv_tables import TITLE as CV_TITLE
+from fedseg.server.report_cv_tables import cv_tables, intro, rounds_note
 from fedseg.server.report_html import GLOSSARY, render_html
 from fedseg.server.report_plots import write_png
 from fedseg.server.report_tables import (
@@ -49,8 +53,15 @@ def render_markdown(data: report_data.RunData) -> str:
     lines.append(to_markdown(ft) if ft else "## Final result\n\nno evaluation was logged yet\n")
     glossary = GLOSSARY.replace("<b>", "**").replace("</b>", "**").replace("<i>", "*") \
         .replace("</i>", "*")
-    lines += [glossary, "", "## Per round", "",
+    lines += [glossary, ""]
+    cv = cv_tables(data)
+    if cv:
+        lines += [f"## {CV_TITLE}", "", intro(data), "", *[to_markdown(t) for _, t in cv]]
+    lines += ["## Per round", "",
               "![Dice and HD95 per class and site, mean Dice, loss](plots.png)", ""]
+    note = rounds_note(data)
+    if note:
+        lines += [note, ""]
     lines += [to_markdown(t) for t in round_tables(data)]
     lt = loss_table(data)
     if lt is not None:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedseg.server.rundir import RunDir
+
+if TYPE_CHECKING:  # report_cv_data reads num and POOLED from here
+    from fedseg.server.report_cv_data import CrossVal
 
 POOLED = "pooled"
 # record statuses a reader must see: a site left out of a round or of the job, and why
@@ -90,6 +94,7 @@ class RunData:
     settings: list[tuple[str, str]]
     trouble: list[Trouble]
     status: dict[str, Any]
+    cv: CrossVal | None = None  # a cross-validation run's folds, selection, postprocessing
 
     def class_name(self, key: str) -> str:
         return dict(self.classes).get(key, f"class {key}")
@@ -169,18 +174,30 @@ def _test_table(scores: dict[str, Any], classes: list[str]) -> FinalTable:
 
 
 def final_table(evals: dict[int, dict[str, Scores]], test: dict[str, Any],
-                classes: list[str]) -> FinalTable | None:
+                classes: list[str], cv: CrossVal | None = None) -> FinalTable | None:
     """Test scores when the run has them (cases never trained on), else the last round's
-    validation (each site's validation fifth of its training cases)."""
+    validation (each site's validation fifth of its training cases). A cross-validation
+    run's final model is an ensemble: the test table says which, and the last round's
+    validation is said to be the last model's only."""
     if test:
-        return _test_table(test, classes)
+        table = _test_table(test, classes)
+        if cv is not None:
+            table.source = (f"the final model, {cv.final_model()}, on each site's held-out "
+                            "test cases (test_scores.json)")
+        return table
     if not evals:
         return None
     last = max(evals)
     rows = dict(sorted((k, v) for k, v in evals[last].items() if k != POOLED))
     if POOLED in evals[last]:
         rows[POOLED] = evals[last][POOLED]
-    return FinalTable(f"validation cases after round {last} (no test split scored)", False, rows)
+    source = f"validation cases after round {last} (no test split scored)"
+    span = cv.model_of(last) if cv is not None else None
+    if cv is not None:
+        source = (f"validation cases of {'the model ' + span.label if span else 'one model'} "
+                  f"after round {last} (no test split scored); the final model is "
+                  f"{cv.final_model()}, scored in 'Cross-validation and model selection'")
+    return FinalTable(source, False, rows)
 
 
 def _fmt_list(v: Any) -> str:
@@ -198,21 +215,35 @@ def settings(job: dict[str, Any], plan: dict[str, Any], recs: list[dict[str, Any
     if conf_name not in confs and confs:
         conf_name = next(iter(confs))
     conf = confs.get(conf_name) or {}
+    # a job choosing among configurations trained each: every line says each one's value
+    trained = [str(c) for c in job.get("configurations") or [] if c in confs] or [conf_name]
+    confs_of = {c: confs.get(c) or {} for c in trained}
+
+    def per_conf(value: Callable[[dict[str, Any]], str]) -> str:
+        if len(trained) == 1:
+            return value(conf)
+        return "; ".join(f"{c}: {value(v)}" for c, v in confs_of.items())
+
+    def network(c: dict[str, Any]) -> str:
+        feats = c.get("features_per_stage") or []
+        net = ("nnU-Net's ResidualEncoderUNet, residual blocks per stage "
+               f"{'-'.join(str(b) for b in c.get('n_blocks_per_stage') or [])}"
+               if c.get("architecture") == "ResidualEncoderUNet"
+               else "U-Net (MONAI DynUNet, nnU-Net's plain U-Net)")
+        return (f"{net}, {c.get('n_stages', '?')} stages, features "
+                f"{'-'.join(str(f) for f in feats) or '?'}")
+
     if plan:
-        out.append(("plan", f"{plan.get('dataset_name', '?')}, configuration {conf_name} "
+        which = (f"configuration {conf_name}" if len(trained) == 1
+                 else f"configurations {', '.join(trained)}")
+        out.append(("plan", f"{plan.get('dataset_name', '?')}, {which} "
                             f"(plan has: {', '.join(confs) or '?'}), preset "
                             f"{job.get('plan_preset', '?')}"))
-        out.append(("patch size (voxels)", _fmt_list(conf.get("patch_size"))))
-        out.append(("spacing (mm)", _fmt_list([round(float(x), 3) for x in conf.get("spacing", [])])))
-        out.append(("batch size", str(conf.get("batch_size", "?"))))
-        feats = conf.get("features_per_stage") or []
-        net = ("nnU-Net's ResidualEncoderUNet, residual blocks per stage "
-               f"{'-'.join(str(b) for b in conf.get('n_blocks_per_stage') or [])}"
-               if conf.get("architecture") == "ResidualEncoderUNet"
-               else "U-Net (MONAI DynUNet, nnU-Net's plain U-Net)")
-        out.append(("network", f"{net}, "
-                               f"{conf.get('n_stages', '?')} stages, features "
-                               f"{'-'.join(str(f) for f in feats) or '?'}"))
+        out.append(("patch size (voxels)", per_conf(lambda c: _fmt_list(c.get("patch_size")))))
+        out.append(("spacing (mm)", per_conf(
+            lambda c: _fmt_list([round(float(x), 3) for x in c.get("spacing", [])]))))
+        out.append(("batch size", per_conf(lambda c: str(c.get("batch_size", "?")))))
+        out.append(("network", per_conf(network)))
         chans = plan.get("channel_names") or {}
         norms = conf.get("normalization_schemes") or []
         out.append(("channels", ", ".join(
@@ -227,7 +258,20 @@ def settings(job: dict[str, Any], plan: dict[str, Any], recs: list[dict[str, Any
             detail += f", momentum {agg.get('momentum')}"
         if kind == "fedprox":
             detail += f", mu {job.get('proximal_mu')}"
-        out.append(("rounds", f"{status.get('round', '?')} done of {job.get('rounds', '?')}"))
+        folds = job.get("folds") if isinstance(job.get("folds"), int) else 1
+        if folds > 1:  # the job's rounds are per model, numbered on across the models
+            n_conf = len(job.get("configurations") or []) or 1
+            models = folds * n_conf
+            total = models * job["rounds"] if isinstance(job.get("rounds"), int) else "?"
+            out.append(("rounds", f"{status.get('round', '?')} done of {total}: {models} models "
+                                  f"({f'{n_conf} configurations x ' if n_conf > 1 else ''}"
+                                  f"{folds} folds), {job.get('rounds', '?')} rounds each"))
+            out.append(("cross-validation", f"{folds} folds of every site's own training cases"
+                        + (f"; the best of {', '.join(job['configurations'])} and their pair "
+                           "ensembles chosen by pooled CV Dice" if n_conf > 1 else
+                           "; the final model is the folds' ensemble")))
+        else:
+            out.append(("rounds", f"{status.get('round', '?')} done of {job.get('rounds', '?')}"))
         out.append(("local iterations per round", str(job.get("local_iterations", "?"))))
         out.append(("evaluation", f"every {job.get('eval_every', '?')} round(s) and after the last"))
         out.append(("aggregation", kind + detail))
@@ -281,6 +325,9 @@ def load(root: str | Path) -> RunData:
     status = run.status()
     test = _read_json(run.root / "test_scores.json")
     classes = class_names(plan)
+    from fedseg.server import report_cv_data  # it reads num and POOLED from this module
+
+    cv = report_cv_data.load(recs, job)
     evals: dict[int, dict[str, Scores]] = {}
     loss: dict[str, list[tuple[int, float]]] = {}
     for r in recs:
@@ -303,6 +350,7 @@ def load(root: str | Path) -> RunData:
         name=str(job.get("job_id") or run.root.resolve().name),
         root=run.root, classes=classes, sites=sites, evals=evals,
         loss={k: sorted(dict(v).items()) for k, v in loss.items()},
-        final=final_table(evals, test, [k for k, _ in classes]),
+        final=final_table(evals, test, [k for k, _ in classes], cv),
         settings=settings(job, plan, recs, status), trouble=troubles(recs), status=status,
+        cv=cv,
     )

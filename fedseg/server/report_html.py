@@ -11,6 +11,8 @@ import base64
 import html
 import time
 
+from fedseg.server.report_cv_tables import TITLE as CV_TITLE
+from fedseg.server.report_cv_tables import cv_tables, intro, rounds_note
 from fedseg.server.report_data import RunData
 from fedseg.server.report_tables import (
     Table,
@@ -67,7 +69,7 @@ def _cell_class(head: str, value: str) -> str:
 def table_html(t: Table, table_id: str = "") -> str:
     e = html.escape
     ident = f' id="{e(table_id)}"' if table_id else ""
-    parts = [f"<h2>{e(t.title)}</h2>"] if t.title else []
+    parts = [f"<h{t.level}>{e(t.title)}</h{t.level}>"] if t.title else []
     if not t.rows:
         parts.append("<p>none</p>")
         return "\n".join(parts)
@@ -106,10 +108,19 @@ def render_html(data: RunData, png: bytes) -> str:
     body.append(table_html(final, "final") if final else "<h2>Final result</h2><p>no evaluation "
                 "was logged yet</p>")
     body.append(f'<p class="note">{GLOSSARY}</p>')
+    cv = cv_tables(data)
+    if cv:
+        body.append(f'<h2 id="crossval">{e(CV_TITLE)}</h2>'
+                    f"<p>{e(intro(data)).replace('`model/`', '<code>model/</code>')}</p>")
+        for ident, t in cv:
+            body.append(table_html(t, ident))
     b64 = base64.b64encode(png).decode("ascii")
     body.append('<h2>Per round</h2><img id="plots" alt="Dice and HD95 per class, per site and '
                 f'pooled, after each round; mean Dice; training loss" '
                 f'src="data:image/png;base64,{b64}">')
+    note = rounds_note(data)
+    if note:
+        body.append(f'<p class="note" id="rounds-note">{e(note)}</p>')
     for i, t in enumerate(round_tables(data)):
         body.append(table_html(t, f"rounds-{i}"))
     lt = loss_table(data)

@@ -6,6 +6,8 @@ site keeps ONE colour in every panel (its place among the run's sorted site name
 pool is always black and thicker, so a reader can follow a site from panel to panel and across
 reports of the same consortium. An undefined HD95 is not a point on the curve: it is drawn as
 an ``x`` near the panel's top edge (one height per site) (and counted in the tables), never as a distance.
+A cross-validation run trains several models one after the other with its rounds numbered on:
+a dashed line marks where the next model starts and no curve joins two models.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ def _style(site: str) -> dict:
     return {"lw": 1.3, "marker": "o", "ms": 3.5, "alpha": 0.9, "zorder": 2}
 
 
+def model_bounds(data: RunData) -> list[float]:
+    """Where a cross-validation run's next model starts (between its rounds); none otherwise."""
+    cv = data.cv
+    return [m.last + 0.5 for m in cv.models[:-1]] if cv is not None else []
+
+
+def _xy(pts: list[tuple[int, float]], bounds: list[float]) -> tuple[list[float], list[float]]:
+    """A curve's x and y, broken (a NaN point) where a new model starts: one model's last
+    round and the next's first are different models, not a step of one curve."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for r, v in pts:
+        if xs and any(xs[-1] < b < r for b in bounds):
+            xs.append(math.nan)
+            ys.append(math.nan)
+        xs.append(r)
+        ys.append(v)
+    return xs, ys
+
+
 def render_png(data: RunData, dpi: int = 90) -> bytes:
     """The figure as PNG bytes (the HTML report inlines them; ``plots.png`` holds them)."""
     import matplotlib
@@ -44,6 +66,7 @@ def render_png(data: RunData, dpi: int = 90) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     colours = site_colours(data.sites)
+    bounds = model_bounds(data)
     order = [s for s in data.sites] + [POOLED]
     n_cls = max(1, len(data.classes))
     fig, axes = plt.subplots(n_cls + 1, 2, figsize=(11, 3.1 * (n_cls + 1)), squeeze=False)
@@ -54,11 +77,9 @@ def render_png(data: RunData, dpi: int = 90) -> bytes:
             pts = data.series(site, key, "dice")
             if not pts:
                 continue
-            ax_d.plot([r for r, _ in pts], [v for _, v in pts], color=colours[site],
-                      label=site, **_style(site))
+            ax_d.plot(*_xy(pts, bounds), color=colours[site], label=site, **_style(site))
             hd = data.series(site, key, "hd95")
-            ax_h.plot([r for r, _ in hd], [v for _, v in hd], color=colours[site],
-                      label=site, **_style(site))
+            ax_h.plot(*_xy(hd, bounds), color=colours[site], label=site, **_style(site))
             miss = [r for (r, v), (_, d) in zip(hd, pts, strict=True)
                     if math.isnan(v) and not math.isnan(d)]
             if miss:
@@ -77,21 +98,24 @@ def render_png(data: RunData, dpi: int = 90) -> bytes:
     for site in order:
         pts = data.series(site, "mean", "dice")
         if pts:
-            ax_m.plot([r for r, _ in pts], [v for _, v in pts], color=colours[site], label=site,
-                      **_style(site))
+            ax_m.plot(*_xy(pts, bounds), color=colours[site], label=site, **_style(site))
     ax_m.set(title="mean Dice over the classes", ylabel="Dice", ylim=(0, 1.02))
     for site in [s for s in order if s in data.loss]:
         pts = data.loss[site]
-        ax_l.plot([r for r, _ in pts], [v for _, v in pts], color=colours.get(site, "#444444"),
+        ax_l.plot(*_xy(pts, bounds), color=colours.get(site, "#444444"),
                   label=site, **{**_style(site), "marker": "." if len(pts) > 30 else "o"})
     ax_l.set(title="training loss (Dice + CE)", ylabel="loss")
     for ax in axes.flat:
         ax.set_xlabel("round (0 = untrained model)" if ax is not ax_l else "round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        for b in bounds:
+            ax.axvline(b, color="#888888", ls="--", lw=0.8, zorder=1)
         if ax.lines and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"fedseg run {data.name}: global model after each round", fontsize=12)
+    fig.suptitle(f"fedseg run {data.name}: global model after each round"
+                 + ("; dashed line: the next fold/configuration model starts" if bounds else ""),
+                 fontsize=12)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

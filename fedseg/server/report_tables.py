@@ -13,6 +13,7 @@ undefined (the class is absent from both) reads ``n/a``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedseg.server.report_data import POOLED, RunData, Scores
@@ -26,6 +27,7 @@ class Table:
     rows: list[list[str]]
     title: str = ""
     note: str = ""
+    level: int = 2  # the title's heading level (a section's sub-tables: 3)
 
 
 def fmt_dice(v: float) -> str:
@@ -79,6 +81,20 @@ def _columns(data: RunData) -> list[str]:
     return [s for s in data.sites if s in have] + ([POOLED] if POOLED in have else [])
 
 
+def _model_cells(data: RunData) -> tuple[list[str], Callable[[int], list[str]]]:
+    """A cross-validation run's per-round tables have a 'model' column (its rounds are
+    numbered on across the models): (its header, round -> its cell); none otherwise."""
+    cv = data.cv
+    if cv is None or len(cv.models) < 2:
+        return [], lambda rnd: []
+
+    def cell(rnd: int) -> list[str]:
+        span = cv.model_of(rnd)
+        return [span.label + (" (untrained)" if rnd == 0 else "") if span else "?"]
+
+    return ["model"], cell
+
+
 def round_tables(data: RunData) -> list[Table]:
     """One table per class: Dice and HD95 of every site and the pool after each evaluated
     round (round 0 = the untrained model; "(n missing)": cases left out of that HD95 mean),
@@ -88,6 +104,7 @@ def round_tables(data: RunData) -> list[Table]:
     note = "" if shown == rounds else (f"{len(shown)} of {len(rounds)} evaluated rounds shown; "
                                        "every round is in metrics.jsonl")
     cols = _columns(data)
+    mhead, mcell = _model_cells(data)
     out = []
 
     def cell(s: Scores | None, key: str) -> list[str]:
@@ -98,13 +115,14 @@ def round_tables(data: RunData) -> list[Table]:
         return [fmt_dice(d), fmt_hd(h, d) + (f" ({n} missing)" if n and not math.isnan(h) else "")]
 
     for key, name in data.classes:
-        head = ["round", *[f"{c} {m}" for c in cols for m in ("Dice", "HD95")]]
-        rows = [[str(r), *[x for c in cols for x in cell(data.evals[r].get(c), key)]]
+        head = ["round", *mhead, *[f"{c} {m}" for c in cols for m in ("Dice", "HD95")]]
+        rows = [[str(r), *mcell(r), *[x for c in cols for x in cell(data.evals[r].get(c), key)]]
                 for r in shown]
         out.append(Table(head, rows, f"{name}: Dice and HD95 (mm) per site after each round", note))
-    head = ["round", *cols]
-    rows = [[str(r), *[fmt_dice(data.evals[r][c].mean_dice()) if c in data.evals[r] else "-"
-                       for c in cols]] for r in shown]
+    head = ["round", *mhead, *cols]
+    rows = [[str(r), *mcell(r), *[fmt_dice(data.evals[r][c].mean_dice())
+                                  if c in data.evals[r] else "-" for c in cols]]
+            for r in shown]
     out.append(Table(head, rows, "Mean Dice over the classes, per site after each round", note))
     return out
 
@@ -115,10 +133,12 @@ def loss_table(data: RunData) -> Table | None:
     cols = sorted(k for k in data.loss if k != POOLED) + ([POOLED] if POOLED in data.loss else [])
     by = {c: dict(data.loss[c]) for c in cols}
     rounds = _pick_rounds(sorted({r for c in cols for r in by[c]}))
-    rows = [[str(r), *[f"{by[c][r]:.4f}" if r in by[c] else "-" for c in cols]] for r in rounds]
+    mhead, mcell = _model_cells(data)
+    rows = [[str(r), *mcell(r), *[f"{by[c][r]:.4f}" if r in by[c] else "-" for c in cols]]
+            for r in rounds]
     note = ("only the pooled (case-weighted) loss: with secure aggregation no site's own loss "
             "reaches the server") if cols == [POOLED] else ""
-    return Table(["round", *cols], rows, "Training loss (Dice + cross-entropy) per round", note)
+    return Table(["round", *mhead, *cols], rows, "Training loss (Dice + cross-entropy) per round", note)
 
 
 def settings_table(data: RunData) -> Table:
@@ -180,7 +200,7 @@ def to_markdown(t: Table) -> str:
     def esc(c: str) -> str:
         return c.replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"## {t.title}", ""] if t.title else []
+    lines = [f"{'#' * t.level} {t.title}", ""] if t.title else []
     if not t.rows:
         return "\n".join([*lines, "none", ""])
     right = [i > 0 and all(_numeric(r[i]) for r in t.rows) for i in range(len(t.head))]
