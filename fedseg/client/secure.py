@@ -149,6 +149,17 @@ def plain_part(msg: Message, cfg: SiteLike,
     return reply  # type: ignore[return-value]
 
 
+def train_counts(data_dir: Path, folds: int) -> list[int]:
+    """The site's training cases for the rounds' denominator: of the one-model split (one
+    value), or of each fold of a ``folds``-fold cross-validation."""
+    if folds == 1:
+        return [len(train_val_ids(data_dir)[0])]
+    if not 2 <= folds <= 10:
+        raise FedsegError(f"fingerprint: {folds} training-case counts asked for; a job has 1 to "
+                          "10 folds")
+    return [len(train_val_ids(data_dir, k, folds)[0]) for k in range(folds)]
+
+
 def fingerprint_reply(msg: Message, cfg: SiteLike, part: pm.SecAggPart,
                       vector: np.ndarray) -> Message:
     """The fingerprint vector, exactly encoded (``exact_sum``), into the secure sum."""
@@ -159,7 +170,7 @@ def fingerprint_reply(msg: Message, cfg: SiteLike, part: pm.SecAggPart,
             out: dict[str, object] = {agg.FINGERPRINT_FIELD: ints}
             fields = part.mask.int_fields if part.mask is not None else {}
             if agg.TRAIN_CASES_FIELD in fields:  # N for the rounds' fixed denominator
-                out[agg.TRAIN_CASES_FIELD] = [len(train_val_ids(cfg.data_dir)[0])]  # type: ignore[arg-type]
+                out[agg.TRAIN_CASES_FIELD] = train_counts(cfg.data_dir, fields[agg.TRAIN_CASES_FIELD])
             if agg.SITES_FIELD in fields:
                 out[agg.SITES_FIELD] = [1]
             return np.zeros(0), out

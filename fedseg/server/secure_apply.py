@@ -12,7 +12,8 @@ checks need:
   (``aggregates.train_int_fields``), and the pooled ``loss``/``cases`` are reported only for
   rounds in which every fingerprinted site survived (there Σ n_i = N, already known). N is the
   sites' training cases, summed securely ONCE with the fingerprint (``train_cases``) and kept
-  in ``RUN_DIR/secure_cases.json`` for a resume. A job without a fingerprint (``plan_file``, or
+  in ``RUN_DIR/secure_cases.json`` for a resume; a cross-validation sums one N per fold (the
+  fold models train on different shares of the cases). A job without a fingerprint (``plan_file``, or
   a run folder from before) still sums and divides by Σ n_i, and says so in its pooled records
   (``counts_per_round``).
 - **Refusal**. Implausible sums are not applied: the pooled record says ``refused`` with every
@@ -53,27 +54,43 @@ def history(ctx: JobContext) -> dict[str, Any]:
         path = ctx.run.root / CENSUS_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            state.update(census=list(saved["sites"]), cases=int(saved["train_cases"]))
+            n = saved["train_cases"]
+            state.update(census=list(saved["sites"]),
+                         cases=[int(x) for x in n] if isinstance(n, list) else int(n))
         sec.robust_state = state
     return sec.robust_state
 
 
 def counts_per_round(ctx: JobContext) -> bool:
     """True when N is unknown: the job had no secure fingerprint (``plan_file``) or its run
-    folder predates the count in it, or a cross-validation (``folds`` > 1: the fingerprint's N
-    counts the one-model split's training cases, not a fold's); then each round still sums and
-    divides by Σ n_i."""
-    if ctx.secure is None or ctx.cfg.folds > 1:
+    folder predates the count in it (or, with cross-validation, holds no count per fold);
+    then each round still sums and divides by Σ n_i."""
+    if ctx.secure is None:
         return True
-    return history(ctx)["cases"] is None
+    cases = history(ctx)["cases"]
+    if ctx.cfg.folds > 1:
+        return not (isinstance(cases, list) and len(cases) == ctx.cfg.folds)
+    return cases is None
 
 
-def set_census(ctx: JobContext, sites: list[str], train_cases: int) -> None:
-    """N (the training cases of the fingerprint's sites, one secure sum) and those sites."""
+def fixed_cases(ctx: JobContext, rnd: int) -> int:
+    """N of round ``rnd``: the fingerprint's training-case sum, of the round's fold with
+    cross-validation (each site summed its training count in every fold: the folds train on
+    different shares of the cases)."""
+    cases = history(ctx)["cases"]
+    if isinstance(cases, list):
+        return int(cases[ctx.cfg.fold_of(rnd)[0]]) if ctx.cfg.folds > 1 else 0
+    return int(cases or 0)
+
+
+def set_census(ctx: JobContext, sites: list[str], train_cases: int | list[int]) -> None:
+    """N (the training cases of the fingerprint's sites, one secure sum; with cross-validation
+    one N per fold) and those sites."""
     state = history(ctx)
-    state.update(census=sorted(sites), cases=int(train_cases))
+    n = [int(x) for x in train_cases] if isinstance(train_cases, list) else int(train_cases)
+    state.update(census=sorted(sites), cases=n)
     path = ctx.run.root / CENSUS_FILE
-    path.write_text(json.dumps({"train_cases": int(train_cases), "sites": sorted(sites)}) + "\n")
+    path.write_text(json.dumps({"train_cases": n, "sites": sorted(sites)}) + "\n")
 
 
 def retry_guard(ctx: JobContext, rnd: int, server: SecAggServer) -> str | None:
@@ -110,7 +127,7 @@ def finish_round(ctx: JobContext, rnd: int, res: AggregateResult, layout: tuple[
     m = len(res.survivors)
     length = layout[0]
     counts = "num_samples" in layout[1]
-    n_fixed = int(hist["cases"] or 0)
+    n_fixed = fixed_cases(ctx, rnd)
     secagg = {"round_id": res.round_id, "survivors": res.survivors, "dropped": res.dropped,
               "recovered": bool(res.dropped), "excluded": res.excluded,
               "num_clipped": res.num_clipped, "exchanges": exchanges}

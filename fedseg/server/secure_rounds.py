@@ -87,7 +87,7 @@ def fingerprint_sum(ctx: JobContext, rid: str, length: int, next_rid: str) -> np
     """The exact sum of every enrolled site's fingerprint vector; all sites must take part."""
     nodes = list(ctx.sites)
     layout = (0, {agg.FINGERPRINT_FIELD: exact_sum.encoded_length(length),
-                  agg.TRAIN_CASES_FIELD: 1, agg.SITES_FIELD: 1})
+                  agg.TRAIN_CASES_FIELD: ctx.cfg.folds, agg.SITES_FIELD: 1})
     try:
         ready = setup(ctx, rid, nodes, layout, "fingerprint").nodes
         if len(ready) != len(nodes):
@@ -117,7 +117,8 @@ def fingerprint_sum(ctx: JobContext, rid: str, length: int, next_rid: str) -> np
                           "upload was not masked for this sum (a replayed or forged vector)")
     total = exact_sum.decode(res.ints[agg.FINGERPRINT_FIELD], length)
     # N, the rounds' fixed denominator (server/secure_apply.py), and the sites it covers
-    secure_apply.set_census(ctx, res.survivors, int(res.ints[agg.TRAIN_CASES_FIELD][0]))
+    n = [int(x) for x in res.ints[agg.TRAIN_CASES_FIELD]]  # one per fold with folds > 1
+    secure_apply.set_census(ctx, res.survivors, n if ctx.cfg.folds > 1 else n[0])
     if not np.isfinite(total).all():
         raise FedsegError("fingerprint: the securely summed fingerprint is not finite")
     return total
