@@ -125,6 +125,11 @@ def test_federated_selection_among_configurations_and_their_ensemble(tmp_path: P
     ok = [r["round"] for r in recs if r["phase"] == "train" and r["site"] == "pooled"
           and r.get("status") == "ok"]
     assert ok == list(range(1, 9))  # 2 configurations x 2 folds x 2 rounds, numbered on
+    # each fold's mean update divides by that fold's training cases (5 + 5), summed securely
+    # once with the fingerprint, not by a count sent each round
+    assert json.loads((run / "secure_cases.json").read_text())["train_cases"] == [10, 10]
+    pooled = [r for r in recs if r["phase"] == "train" and r["site"] == "pooled"]
+    assert all(r["cases"] == 10 and "counts_per_round" not in r for r in pooled)
     assert not [r for r in recs if r["phase"] == "train" and r.get("status") != "ok"]
     folds = [(r["configuration"], r["fold"], r["round"], r["cases"]) for r in recs
              if r["phase"] == "fold"]
