@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.planning.plan import Plan, with_configuration
+from fedseg.server import secure_apply
 from fedseg.server.job_context import JobContext
 from fedseg.server.phases.finish import save_model
 from fedseg.server.phases.initial_model import initial_weights
@@ -79,7 +80,8 @@ def finish_fold(ctx: JobContext) -> None:
 
 
 def start_next_model(ctx: JobContext) -> None:
-    """Fresh weights, optimiser and best-so-far for the next model (fold, or configuration)."""
+    """Fresh weights, optimiser, best-so-far and update-growth history (the secure sums'
+    plausibility check, ``server/plausibility.py``) for the next model."""
     ctx.state.model += 1
     conf = configuration_of(ctx)
     if conf is not None:
@@ -89,6 +91,8 @@ def start_next_model(ctx: JobContext) -> None:
     ctx.opt.load_state_dict({})
     ctx.state.best_dice = -1.0
     ctx.state.last_pooled_eval = None
+    if ctx.secure is not None:  # a fresh model's first steps are large: its own growth history
+        secure_apply.history(ctx)["norms"] = []
 
 
 def cv_summary(ctx: JobContext, config: str | None = None) -> dict:
