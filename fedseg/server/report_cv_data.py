@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedseg.server.report_data import POOLED, num
+from fedseg.server.report_values import POOLED, num
 
 
 @dataclass

@@ -20,24 +20,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedseg.server import report_cv_data
+from fedseg.server.report_cv_data import CrossVal
+from fedseg.server.report_values import POOLED, num
 from fedseg.server.rundir import RunDir
 
-if TYPE_CHECKING:  # report_cv_data reads num and POOLED from here
-    from fedseg.server.report_cv_data import CrossVal
-
-POOLED = "pooled"
 # record statuses a reader must see: a site left out of a round or of the job, and why
 TROUBLE = ("dropped", "rejected", "refused", "failed", "skipped", "too_few_sites",
            "disconnected", "aborted")
-
-
-def num(v: Any) -> float:
-    """A metric value as float; None (JSON null) and non-numbers read as NaN (missing)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return math.nan
-    return float(v)
 
 
 @dataclass
@@ -325,7 +317,6 @@ def load(root: str | Path) -> RunData:
     status = run.status()
     test = _read_json(run.root / "test_scores.json")
     classes = class_names(plan)
-    from fedseg.server import report_cv_data  # it reads num and POOLED from this module
 
     cv = report_cv_data.load(recs, job)
     evals: dict[int, dict[str, Scores]] = {}
