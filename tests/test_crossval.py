@@ -191,3 +191,43 @@ def test_job_rounds_are_numbered_on_across_the_models() -> None:
         JobConfig(run_dir="r", folds=2, configuration="2d", configurations=["2d"])
     with pytest.raises(ValidationError, match="each configuration once"):
         JobConfig(run_dir="r", folds=2, configurations=["2d", "2d"])
+
+
+def test_a_new_model_starts_afresh(tmp_path: Path) -> None:
+    """Between two models the job resets what belongs to one model: weights (another seed),
+    server optimiser, best Dice, and the secure sums' update-growth history — the fresh
+    model's first steps are far larger than the previous one's last, and the growth check
+    refused them against that history (and skipped the new fold's rounds)."""
+    from fedseg.data.demo import make_demo_data
+    from fedseg.planning.cli_impl import plan_main
+    from fedseg.privacy.provision import provision
+    from fedseg.server import secure_apply
+    from fedseg.server.config import JobConfig
+    from fedseg.server.job_context import JobContext
+    from fedseg.server.phases import crossval
+    from fedseg.server.phases.initial_model import initial_weights
+    from fedseg.server.secure_state import SecureAggregation
+
+    sites = make_demo_data(tmp_path / "data", sites=1, cases=2, test_cases=0)
+    plan = plan_main(sites, tmp_path / "plan.json", preset="tiny")
+    provision(tmp_path / "pki", ["siteA", "siteB", "siteC"])
+    cfg = JobConfig(run_dir=str(tmp_path / "run"), rounds=2, folds=2,
+                    configurations=["3d_fullres", "2d"], roster=str(tmp_path / "pki/roster.json"))
+    ctx = JobContext.create(None, cfg, lambda _: None, net=object())  # type: ignore[arg-type]
+    ctx.secure = SecureAggregation(cfg.roster, None, 10.0, "job", 1)
+    ctx.state.model = 1  # fold 1 of 3d_fullres, as restored from a checkpoint
+    crossval.use_plan(ctx, plan)
+    assert ctx.plan is not None and ctx.plan.default_configuration == "3d_fullres"
+    ctx.state.weights = initial_weights(ctx.plan, cfg.seed)
+    secure_apply.history(ctx)["norms"] = [0.3] * 5
+    ctx.opt.load_state_dict({"m": {"w": [1.0]}})
+    ctx.state.best_dice, ctx.state.round = 0.7, 4
+    first = ctx.state.weights
+
+    crossval.start_next_model(ctx)  # model 2: fold 0 of the 2d configuration
+    assert (ctx.state.model, ctx.fold, ctx.plan.default_configuration) == (2, 0, "2d")
+    assert secure_apply.history(ctx)["norms"] == [] and not ctx.opt.m
+    assert ctx.state.best_dice == -1.0 and ctx.state.round == 4
+    assert set(ctx.state.weights) != set(first) or any(  # a 2d network, or other weights
+        (ctx.state.weights[k] != first[k]).any() for k in first)
+    assert crossval.fold_dir(ctx, 1, "2d") == tmp_path / "run" / "folds" / "2d" / "fold_1"
