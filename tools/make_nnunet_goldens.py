@@ -29,7 +29,12 @@ four ~320^3 CT cases at ~0.8 mm on two sites (``synthetic_datasets.LARGE_CT``), 
 as fingerprint lists without images; nnU-Net makes ``3d_lowres`` and ``3d_cascade_fullres``
 for it at 8 and 4 GB and drops its lowres at 24 GB. ``resampling``: nnU-Net's
 ``resample_data_or_seg_to_shape`` (the plan's default orders) on tiny arrays, isotropic and
-anisotropic, images and label maps.
+anisotropic, images and label maps. ``resenc`` (``resenc.json``): nnU-Net's
+``nnUNetPlannerResEncM`` and ``nnUNetPlannerResEncL`` on the SAME fingerprints the goldens
+above hold (demo, aniso_ct, big_mri and large_ct from their golden files, so run it after them;
+the RESENC_RANDOM random datasets), each at its own target (M 8 GB, L 24 GB) and a
+smaller one; configurations also keep ``network_class_name``, ``n_blocks_per_stage`` and
+``data_identifier``.
 
 Each configuration keeps the geometry fields, the resampling settings and the cascade links
 (``next_stage``; ``3d_cascade_fullres`` as nnU-Net writes it, ``inherits_from`` and
@@ -79,7 +84,7 @@ OPTIONAL_FIELDS = (  # absent from some configurations (next_stage) or from olde
     "resampling_fn_probabilities_kwargs",
 )
 ARCH_FIELDS = ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage",
-               "n_conv_per_stage_decoder")
+               "n_blocks_per_stage", "n_conv_per_stage_decoder")  # of those each class has
 
 
 def build_sites(name: str, root: Path) -> list[Path]:
@@ -154,7 +159,10 @@ def _config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     arch = cfg["architecture"]["arch_kwargs"]
     c = {k: cfg[k] for k in CONFIG_FIELDS}
     c.update({k: cfg[k] for k in OPTIONAL_FIELDS if k in cfg})
-    c.update({k: arch[k] for k in ARCH_FIELDS})
+    c.update({k: arch[k] for k in ARCH_FIELDS if k in arch})
+    if "n_blocks_per_stage" in arch:  # ResEnc: the class and the identifier matter too
+        c["network_class_name"] = cfg["architecture"]["network_class_name"].rsplit(".", 1)[-1]
+        c["data_identifier"] = cfg["data_identifier"]
     return c
 
 
@@ -270,9 +278,11 @@ def random_dataset(rng: Any, i: int) -> dict[str, Any]:
 
 def plans_from_lists(work: Path, did: int, raw_name: str, channel_names: dict[str, str],
                      labels: dict[str, int], spacings: list, shapes: list,
-                     median_relative_size: float, gbs: list[float]) -> dict[str, Any]:
+                     median_relative_size: float, gbs: list[float],
+                     planners: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """nnU-Net's ExperimentPlanner on a fingerprint written from per-case lists (no images),
-    per GPU target in GB."""
+    per GPU target in GB; with ``planners`` ({planner class name: targets}), those planners'
+    plans per class name and target instead."""
     import nibabel as nib
     import numpy as np
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
@@ -301,6 +311,14 @@ def plans_from_lists(work: Path, did: int, raw_name: str, channel_names: dict[st
         "median_relative_size_after_cropping": median_relative_size,
         "foreground_intensity_properties_per_channel": {c: dummy_props for c in channel_names},
     }))
+    if planners is not None:
+        from nnunetv2.experiment_planning.experiment_planners.residual_unets import (
+            residual_encoder_unet_planners as resenc,
+        )
+
+        return {name: {f"{gb:g}": getattr(resenc, name)(did, gpu_memory_target_in_gb=gb)
+                       .plan_experiment() for gb in targets}
+                for name, targets in planners.items()}
     return {f"{gb:g}": ExperimentPlanner(did, gpu_memory_target_in_gb=gb,
                                          plans_name=f"nnUNetPlans_{gb:g}GB").plan_experiment()
             for gb in gbs}
@@ -340,6 +358,60 @@ def large_ct_golden(work: Path) -> dict[str, Any]:
         "median_relative_size_after_cropping": median_rel,
         "foreground_intensity_properties_per_channel": {},  # not planned from images
     }, plans)
+
+
+# ---- ResEnc M/L: nnU-Net's residual-encoder planners on the goldens' fingerprints ----------
+
+RESENC_PLANNERS = {"nnUNetPlannerResEncM": [8.0, 4.0], "nnUNetPlannerResEncL": [24.0, 11.0]}
+# 14 of the random datasets (every pattern but "huge", whose lowres searches instantiate
+# ResEnc networks by the hundred: 25 min on two cores for the first 23): 5 with a 3d_lowres
+RESENC_RANDOM = (1, 2, 3, 4, 5, 7, 9, 10, 12, 14, 16, 17, 19, 21)
+RESENC_ID = 300
+
+
+def _resenc_sources(out: Path) -> list[dict[str, Any]]:
+    """The fingerprints (per-case lists) of the image goldens, large_ct and the
+    RESENC_RANDOM random datasets, with their channel names and labels."""
+    from fedseg.data.demo import LABELS as DEMO_LABELS
+
+    channels = {"demo": {"0": "MRI"}, **{n: d.channel_names for n, d in sd.DATASETS.items()},
+                "large_ct": sd.LARGE_CT_CHANNELS}
+    sources = []
+    for name in ("demo", "aniso_ct", "big_mri", "large_ct"):
+        fp = json.loads((out / f"{name}.json").read_text())["fingerprint"]
+        n = len(fp["spacings"])
+        sources.append({
+            "source": name, "channel_names": channels[name],
+            "labels": dict(DEMO_LABELS) if name == "demo" else dict(sd.LABELS),
+            "spacings": fp["spacings"], "shapes_after_crop": fp["shapes_after_crop"],
+            "relative_sizes": [fp["median_relative_size_after_cropping"]] * n,
+        })
+    rnd = json.loads((out / "random_fingerprints.json").read_text())["datasets"]
+    for d in (d for d in rnd if d["id"] in RESENC_RANDOM):
+        sources.append({"source": f"random{d['id']}", **{k: d[k] for k in (
+            "channel_names", "labels", "spacings", "shapes_after_crop", "relative_sizes")}})
+    return sources
+
+
+def resenc_golden(work: Path, out: Path) -> dict[str, Any]:
+    """nnU-Net's ResEnc M and L plans (RESENC_PLANNERS) for :func:`_resenc_sources`."""
+    import numpy as np
+
+    entries = []
+    for i, src in enumerate(_resenc_sources(out)):
+        plans = plans_from_lists(work, RESENC_ID + i, f"resenc{i}", src["channel_names"],
+                                 src["labels"], src["spacings"], src["shapes_after_crop"],
+                                 float(np.median(src["relative_sizes"])), [],
+                                 planners=RESENC_PLANNERS)
+        empty = {"spacings": [], "shapes_after_crop": [],
+                 "median_relative_size_after_cropping": None,
+                 "foreground_intensity_properties_per_channel": {}}
+        src["plans"] = {name: golden("resenc", {}, empty, p)["plans"]
+                        for name, p in plans.items()}
+        entries.append(src)
+        print(f"resenc {src['source']}: {len(src['spacings'])} cases", flush=True)
+    return {"name": "resenc", "generated_by": "tools/make_nnunet_goldens.py",
+            "nnunetv2_version": _dist_version("nnunetv2"), "datasets": entries}
 
 
 # ---- resampling: nnU-Net's resample_data_or_seg_to_shape on tiny arrays --------------------
@@ -386,7 +458,7 @@ def resampling_golden() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "tests" / "goldens")
-    names = [*DATASET_IDS, "random", "large_ct", "resampling"]
+    names = [*DATASET_IDS, "random", "large_ct", "resampling", "resenc"]
     ap.add_argument("--only", nargs="*", choices=names, default=names)
     ap.add_argument("--keep", action="store_true", help="keep the temporary nnU-Net folders")
     args = ap.parse_args()
@@ -402,6 +474,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         for name in args.only:
+            if name == "resenc":
+                path = args.out / "resenc.json"
+                path.write_text(json.dumps(_jsonable(resenc_golden(work, args.out)),
+                                           indent=None) + "\n")
+                print(f"wrote {path}")
+                continue
             if name == "random":
                 path = args.out / "random_fingerprints.json"
                 path.write_text(json.dumps(_jsonable(random_goldens(work)), indent=None) + "\n")
