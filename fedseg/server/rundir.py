@@ -187,7 +187,15 @@ def memory_mb() -> dict[str, float]:
     server's RAM is a sizing figure a consortium needs (docs/deploy.md)."""
     import resource
 
+    # VmHWM is this process's own peak; ru_maxrss would also count the peak of the process that
+    # forked it (Linux keeps that across exec), e.g. a large SuperLink or test runner
     out = {"server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(ln for ln in f if ln.startswith("VmHWM:"))
+        out["server_peak_rss_mb"] = round(int(hwm.split()[1]) / 1024, 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     try:
         with open("/proc/self/statm") as f:
             out["server_rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
