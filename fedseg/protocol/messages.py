@@ -242,6 +242,9 @@ class TrainRequest(Msg):
 
 
 CandidateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]{1,64}$")]
+# an EvalReply scoring cv_candidates keys its dice_per_class "CANDIDATE/CLASS", and with
+# cv_postprocess also "pp/VARIANT/CLASS" (fedseg.training.postprocess's candidates)
+CV_POSTPROCESS_PREFIX = "pp"
 PlanHash = Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]
 
 

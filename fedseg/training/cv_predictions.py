@@ -35,9 +35,8 @@ from fedseg.data.io import read_image
 from fedseg.data.labels import label_groups
 from fedseg.errors import FedsegError
 from fedseg.planning.plan import Plan
-from fedseg.training.postprocess import NONE, candidates, variant_dice
-
-POSTPROCESS_PREFIX = "pp"  # keys "pp/VARIANT/CLASS": the postprocessing candidates' Dice
+from fedseg.protocol.messages import CV_POSTPROCESS_PREFIX as POSTPROCESS_PREFIX
+from fedseg.training.postprocess import NONE, candidates, class_dice, variant_dice
 
 
 def store_dir(cache_dir: Path, job_id: str, plan_hash: str) -> Path:
@@ -72,14 +71,9 @@ def store(plan: Plan, weights: Mapping[str, np.ndarray], data_dir: Path, case_id
     return len(probs)
 
 
-def _mean_probabilities(dirs: list[Path], case: str) -> np.ndarray:
-    acc = None
-    for d in dirs:
-        with np.load(d / f"{case}.npz") as z:
-            p = z["p"].astype(np.float32)
-        acc = p if acc is None else acc + p
-    assert acc is not None
-    return acc / len(dirs)
+def _load(d: Path, case: str) -> np.ndarray:
+    with np.load(d / f"{case}.npz") as z:
+        return z["p"].astype(np.float32)
 
 
 def score_candidates(
@@ -112,8 +106,10 @@ def score_candidates(
     for c in cases:
         assert c.label is not None
         ref = read_image(c.label).data[0]
+        probs = {d: _load(d, c.case_id) for d in set(all_dirs)}  # each file once per case
         for name, dirs in stores.items():
-            seg = probabilities_to_segmentation(_mean_probabilities(dirs, c.case_id), layout)
+            mean = sum(probs[d] for d in dirs) / len(dirs)
+            seg = probabilities_to_segmentation(mean, layout)
             if name == postprocess:
                 variants = variant_dice(seg, ref, groups, ignore)
                 for variant, per_class in variants.items():
@@ -121,27 +117,13 @@ def score_candidates(
                         add(f"{POSTPROCESS_PREFIX}/{variant}/{k}", v)
                 per = variants[NONE]
             else:
-                per = _plain_dice(seg, ref, groups, ignore)
+                per = class_dice(seg, ref, groups, ignore)
             for k, v in per.items():
                 add(f"{name}/{k}", v)
     keys = [f"{n}/{k}" for n in stores for k in groups]
     if postprocess is not None:
         keys += [f"{POSTPROCESS_PREFIX}/{v}/{k}" for v in candidates(groups) for k in groups]
     return {k: (float(np.mean(sums[k])) if sums.get(k) else float("nan")) for k in keys}, len(cases)
-
-
-def _plain_dice(seg: np.ndarray, ref: np.ndarray, groups: Mapping[str, list[int]],
-                ignore: int | None) -> dict[str, float]:
-    keep = None if ignore is None else ref != ignore
-    out = {}
-    for k, vals in groups.items():
-        r = np.isin(ref, vals)
-        p = np.isin(seg, vals)
-        if keep is not None:
-            r, p = r & keep, p & keep
-        denom = int(p.sum()) + int(r.sum())
-        out[k] = math.nan if denom == 0 else 2.0 * int((p & r).sum()) / denom
-    return out
 
 
 def forget(cache_dir: Path, job_id: str) -> None:

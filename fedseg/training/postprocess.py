@@ -86,9 +86,7 @@ def variant_dice(pred: np.ndarray, ref: np.ndarray, groups: Mapping[str, list[in
     """Dice per class of every candidate applied to one case's predicted label map (NaN where
     reference and prediction are both empty, as in ``fedseg evaluate``). Candidates share their
     leading steps (``fg+k`` starts from ``fg``), so each step's result is computed once."""
-    keep = None if ignore_label is None else ref != ignore_label
-    refs = {k: np.isin(ref, vals) if keep is None else np.isin(ref, vals) & keep
-            for k, vals in groups.items()}
+    refs, keep = _references(ref, groups, ignore_label)
     done: dict[tuple[tuple[int, ...], ...], np.ndarray] = {(): pred}
 
     def run(steps: tuple[tuple[int, ...], ...]) -> np.ndarray:
@@ -96,16 +94,36 @@ def variant_dice(pred: np.ndarray, ref: np.ndarray, groups: Mapping[str, list[in
             done[steps] = keep_largest_component(run(steps[:-1]), steps[-1])
         return done[steps]
 
-    out: dict[str, dict[str, float]] = {}
-    for name, pp in candidates(groups).items():
-        seg = run(tuple(tuple(v) for v in pp.keep_largest))
-        per_class = {}
-        for k, vals in groups.items():
-            mp = np.isin(seg, vals) if keep is None else np.isin(seg, vals) & keep
-            denom = int(mp.sum()) + int(refs[k].sum())
-            per_class[k] = math.nan if denom == 0 else 2.0 * int((mp & refs[k]).sum()) / denom
-        out[name] = per_class
-    return out
+    return {name: _dice_per_class(run(tuple(tuple(v) for v in pp.keep_largest)), refs, groups,
+                                  keep)
+            for name, pp in candidates(groups).items()}
+
+
+def class_dice(pred: np.ndarray, ref: np.ndarray, groups: Mapping[str, list[int]],
+               ignore_label: int | None = None) -> dict[str, float]:
+    """Dice per class of one predicted label map as it is (:func:`variant_dice`'s ``none``
+    candidate, without computing the others)."""
+    refs, keep = _references(ref, groups, ignore_label)
+    return _dice_per_class(pred, refs, groups, keep)
+
+
+def _references(ref: np.ndarray, groups: Mapping[str, list[int]], ignore_label: int | None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Each class's reference mask, and the voxels that count (None: all; else not ignored)."""
+    keep = None if ignore_label is None else ref != ignore_label
+    refs = {k: np.isin(ref, vals) if keep is None else np.isin(ref, vals) & keep
+            for k, vals in groups.items()}
+    return refs, keep
+
+
+def _dice_per_class(seg: np.ndarray, refs: Mapping[str, np.ndarray],
+                    groups: Mapping[str, list[int]], keep: np.ndarray | None) -> dict[str, float]:
+    per_class = {}
+    for k, vals in groups.items():
+        mp = np.isin(seg, vals) if keep is None else np.isin(seg, vals) & keep
+        denom = int(mp.sum()) + int(refs[k].sum())
+        per_class[k] = math.nan if denom == 0 else 2.0 * int((mp & refs[k]).sum()) / denom
+    return per_class
 
 
 class DiceSums(BaseModel):
