@@ -58,7 +58,7 @@ def _tell_sites(grid: Grid, cfg: JobConfig, run: RunDir, run_id: int, failed: st
     from fedseg.server.job_end import notify_sites
 
     rounds = int(run.status().get("round", 0) or 0)
-    notice = JobEnd(job_id=cfg.job_id or Path(cfg.run_dir).name, rounds=rounds,
+    notice = JobEnd(job_id=cfg.name, rounds=rounds,
                     state="failed" if failed else "finished", reason=failed[:2000],
                     flower_run_id=run_id)
     notify_sites(grid, notice, _log)

@@ -155,6 +155,11 @@ class JobConfig(BaseModel):
         return on
 
     @property
+    def name(self) -> str:
+        """The job's id as the sites see it: ``job_id``, else the run folder's name."""
+        return self.job_id or Path(self.run_dir).name
+
+    @property
     def models(self) -> int:
         """Models the job trains, one after the other: ``folds`` per configuration."""
         return self.folds * max(1, len(self.configurations))
@@ -200,7 +205,7 @@ def train_request_fields(
     cross-validation), and the site-side recipe."""
     fold, local = cfg.fold_of(rnd)
     return {
-        "round": rnd, "job_id": cfg.job_id or Path(cfg.run_dir).name,
+        "round": rnd, "job_id": cfg.name,
         "fold": fold, "folds": cfg.folds,
         "local_iterations": cfg.local_iterations,
         "global_iteration_start": (local - 1) * cfg.local_iterations,

@@ -215,7 +215,7 @@ class FederatedJob:
                 "secure_aggregation = false"
             )
         sec = ctx.secure = SecureAggregation(cfg.roster, cfg.secagg_threshold, cfg.secagg_clip,
-                                             cfg.job_id or Path(cfg.run_dir).name, self.run_id)
+                                             cfg.name, self.run_id)
         if resuming or cfg.plan_file:  # no fingerprint sum: the keys are the next round's
             rid = sec.new_round("train", ctx.state.round + 1)
             sec.next_train[ctx.state.round + 1] = rid
