@@ -61,6 +61,13 @@ def history(ctx: JobContext) -> dict[str, Any]:
     return sec.robust_state
 
 
+def new_model(ctx: JobContext) -> None:
+    """A new model (cross-validation: the next fold or configuration) starts its own history
+    of accepted step norms: its first steps are far larger than the previous model's last, and
+    the growth check would refuse them against those."""
+    history(ctx)["norms"] = []
+
+
 def counts_per_round(ctx: JobContext) -> bool:
     """True when N is unknown: the job had no secure fingerprint (``plan_file``) or its run
     folder predates the count in it (or, with cross-validation, holds no count per fold);

@@ -34,6 +34,7 @@ import numpy as np
 from fedseg.planning.plan import Plan, with_configuration
 from fedseg.server import secure_apply
 from fedseg.server.job_context import JobContext
+from fedseg.server.phases.evaluation import case_weighted_mean
 from fedseg.server.phases.finish import save_model
 from fedseg.server.phases.initial_model import initial_weights
 
@@ -91,8 +92,8 @@ def start_next_model(ctx: JobContext) -> None:
     ctx.opt.load_state_dict({})
     ctx.state.best_dice = -1.0
     ctx.state.last_pooled_eval = None
-    if ctx.secure is not None:  # a fresh model's first steps are large: its own growth history
-        secure_apply.history(ctx)["norms"] = []
+    if ctx.secure is not None:
+        secure_apply.new_model(ctx)
 
 
 def cv_summary(ctx: JobContext, config: str | None = None) -> dict:
@@ -103,12 +104,8 @@ def cv_summary(ctx: JobContext, config: str | None = None) -> dict:
             folds[int(r["fold"])] = r  # the latest record of each fold (resume)
     tot = sum(int(r["cases"]) for r in folds.values())
     classes = sorted({c for r in folds.values() for c in r["dice"]})
-    dice = {}
-    for c in classes:
-        vals = [(float(r["dice"][c]), int(r["cases"])) for r in folds.values()
-                if c in r["dice"] and np.isfinite(float(r["dice"][c]))]
-        n = sum(k for _, k in vals)
-        dice[c] = float(sum(v * k for v, k in vals) / n) if n else float("nan")
+    dice = {c: case_weighted_mean([(float(r["dice"][c]), int(r["cases"]))
+                                   for r in folds.values() if c in r["dice"]]) for c in classes}
     return {"phase": "cv", "folds": ctx.cfg.folds, "folds_scored": sorted(folds),
             **({"configuration": config} if config else {}),
             "cases": tot, "dice": dice,

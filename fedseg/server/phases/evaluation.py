@@ -11,7 +11,6 @@ the pooled scores come from a secure sum instead (``server/secure_rounds.py``) a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,14 @@ from fedseg.server.job_context import JobContext
 from fedseg.server.messaging import reply_error
 
 
+def case_weighted_mean(values: list[tuple[float, int]]) -> float:
+    """The mean of (value, cases) pairs weighted by cases, over the finite values only (NaN
+    when there are none): how per-site (or per-fold) means pool into one."""
+    ok = [(v, n) for v, n in values if np.isfinite(v)]
+    total = sum(n for _, n in ok)
+    return float(sum(v * n for v, n in ok) / total) if total else float("nan")
+
+
 def log_eval(ctx: JobContext, after_round: int, evals: list[tuple[str, pm.EvalReply]]) -> float:
     """Log per-site and pooled (case-weighted) Dice/HD95; returns pooled mean Dice."""
     tot = sum(e.num_cases for _, e in evals)
@@ -30,10 +37,8 @@ def log_eval(ctx: JobContext, after_round: int, evals: list[tuple[str, pm.EvalRe
     for c in classes:
         vals = [(e.dice_per_class[c], e.num_cases) for _, e in evals if c in e.dice_per_class]
         pooled_dice[c] = float(sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)))
-        hds = [(e.hd95_per_class[c], e.num_cases) for _, e in evals
-               if c in e.hd95_per_class and np.isfinite(e.hd95_per_class[c])]
-        pooled_hd[c] = (float(sum(v * n for v, n in hds) / sum(n for _, n in hds))
-                        if hds else float("nan"))
+        pooled_hd[c] = case_weighted_mean([(e.hd95_per_class[c], e.num_cases) for _, e in evals
+                                           if c in e.hd95_per_class])
     for name, e in evals:
         ctx.run.log({"phase": "eval", "round": after_round, "site": name,
                      "cases": e.num_cases, "dice": e.dice_per_class,
@@ -80,8 +85,8 @@ def final_evaluation(ctx: JobContext) -> None:
 def final_eval_fields(ctx: JobContext) -> dict[str, Any]:
     """What the final evaluation's request says besides the secure parts: the fold it scores
     and, with cross-validation, that the sites keep their CV predictions."""
-    return {"fold": ctx.fold, "folds": ctx.cfg.folds, "job_id": ctx.cfg.job_id or
-            Path(ctx.cfg.run_dir).name, "keep_cv_predictions": ctx.cfg.folds > 1}
+    return {"fold": ctx.fold, "folds": ctx.cfg.folds, "job_id": ctx.cfg.name,
+            "keep_cv_predictions": ctx.cfg.folds > 1}
 
 
 def site_evaluations(ctx: JobContext, weights: Any, phase: str = "eval",

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.protocol import messages as pm
 from fedseg.server.job_context import JobContext
 from fedseg.server.phases.crossval import CANDIDATES_DIR, cv_summary, fold_ensemble
-from fedseg.server.phases.evaluation import final_eval_fields, site_evaluations
+from fedseg.server.phases.evaluation import case_weighted_mean, site_evaluations
 from fedseg.server.report import write_report
 from fedseg.server.secure_apply import eval_classes
 
-PP = "pp"  # the key prefix of the postprocessing candidates' Dice (cv_predictions.py)
+PP = pm.CV_POSTPROCESS_PREFIX  # the key prefix of the postprocessing candidates' Dice
 
 
 def finish(ctx: JobContext) -> None:
@@ -81,7 +82,7 @@ def pooled_scores(ctx: JobContext, cands: dict[str, list[str]], classes: list[st
     keys = [f"{n}/{k}" for n in cands for k in classes]
     keys += [f"{PP}/{v}/{k}" for v in pp_names for k in classes]
     fields: dict[str, Any] = {
-        "job_id": final_eval_fields(ctx)["job_id"],
+        "job_id": ctx.cfg.name,
         "cv_candidates": {n: [ctx.plans[c].hash() if ctx.plans else ctx.plan.hash()  # type: ignore[union-attr]
                               for c in cs] for n, cs in cands.items()},
         "cv_postprocess": postprocess,
@@ -92,11 +93,8 @@ def pooled_scores(ctx: JobContext, cands: dict[str, list[str]], classes: list[st
         return (pe["dice"], pe["cases"]) if pe is not None else ({}, 0)
     evals = site_evaluations(ctx, None, phase="selection", **fields)
     tot = sum(e.num_cases for _, e in evals)
-    pooled = {}
-    for k in keys:
-        vals = [(e.dice_per_class.get(k, math.nan), e.num_cases) for _, e in evals]
-        vals = [(v, n) for v, n in vals if math.isfinite(v)]
-        pooled[k] = float(sum(v * n for v, n in vals) / sum(n for _, n in vals)) if vals else math.nan
+    pooled = {k: case_weighted_mean([(e.dice_per_class.get(k, math.nan), e.num_cases)
+                                     for _, e in evals]) for k in keys}
     for name, e in evals:
         ctx.run.log({"phase": "selection", "site": name, "cases": e.num_cases,
                      "dice": e.dice_per_class})
